@@ -1,0 +1,45 @@
+# ns_vit: the two commands of the README are `make install` and `make test`.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+export OMP_NUM_THREADS ?= 1
+export HF_HUB_OFFLINE := 1
+export MPLBACKEND := Agg
+export PYTHONHASHSEED := 0
+# real CIFAR-10 beside the project (CI and these machines); elsewhere set NS_VIT_DATA yourself or let torchvision download
+export NS_VIT_DATA ?= $(if $(wildcard ../shared/data/cifar10-jpeg.tar.gz),$(abspath ../shared/data),)
+
+.PHONY: install test nbtest pytest export clean check-sync reports readme
+
+install:  ## create .venv and install ns_vit with pinned dependencies
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q --no-deps -c constraints.txt torchattacks==3.5.1
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (ns_vit)" >/dev/null
+	$(BIN)/python -c "import ns_vit, timm, torch, torchattacks, nbdev; print('ns_vit ready: torch', torch.__version__, 'timm', timm.__version__)"
+
+test: nbtest pytest  ## unit tests in the notebooks + every experiment notebook through papermill (smoke size)
+
+nbtest:
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/nbdev_test --n_workers 2 --timing
+
+pytest:
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q tests
+
+export:
+	$(BIN)/nbdev_export
+
+clean:
+	$(BIN)/nbdev_clean
+
+check-sync:  ## fail if nbdev_export or nbdev_clean would change the tree
+	$(BIN)/nbdev_export && $(BIN)/nbdev_clean
+	git diff --exit-code --stat -- nbs ns_vit || (echo "notebooks and ns_vit/ out of sync: run make export clean"; exit 1)
+	test -z "$$(git status --porcelain -- nbs ns_vit)" || (git status --porcelain -- nbs ns_vit; echo "untracked exports"; exit 1)
+
+reports:  ## regenerate every figure and table into reports/ at default parameters
+	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m ns_vit.reports
+
+readme:
+	$(BIN)/jupyter nbconvert --to markdown nbs/index.ipynb --output-dir . --output README --log-level WARN
