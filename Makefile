@@ -10,7 +10,7 @@ export PYTHONHASHSEED := 0
 # real CIFAR-10 beside the project (CI and these machines); elsewhere set NS_VIT_DATA yourself or let torchvision download
 export NS_VIT_DATA ?= $(if $(wildcard ../shared/data/cifar10-jpeg.tar.gz),$(abspath ../shared/data),)
 
-.PHONY: install test nbtest pytest export clean check-sync reports readme
+.PHONY: install test nbtest pytest export clean check-sync reports pretrain readme
 
 install:  ## create .venv and install ns_vit with pinned dependencies
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,8 +38,16 @@ check-sync:  ## fail if nbdev_export or nbdev_clean would change the tree
 	git diff --exit-code --stat -- nbs ns_vit || (echo "notebooks and ns_vit/ out of sync: run make export clean"; exit 1)
 	test -z "$$(git status --porcelain -- nbs ns_vit)" || (git status --porcelain -- nbs ns_vit; echo "untracked exports"; exit 1)
 
-reports:  ## regenerate every figure and table into reports/ at default parameters
-	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m ns_vit.reports
+REPORT_NBS ?= 03_nullspace 04a_fig3_approx_nullspace 04b_fig5_closure 05_finetune 07_table3_robustness 08_table4_eps_ablation
+
+reports:  ## regenerate every figure and table into reports/ at default parameters (CPU: about an hour and a half)
+	mkdir -p runs/reports
+	set -e; for nb in $(REPORT_NBS); do echo "== $$nb"; OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH \
+	  $(BIN)/papermill nbs/$$nb.ipynb runs/reports/$$nb.ipynb --cwd . ; done
+	$(BIN)/python -c "from ns_vit.report import write_index; print(write_index())"
+
+pretrain:  ## retrain the embedded default model (data/default_vit.safetensors), about 35-60 min on 2 CPU cores
+	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/02_pretrain.ipynb runs/pretrain/02_pretrain.ipynb --cwd .
 
 readme:
-	$(BIN)/jupyter nbconvert --to markdown nbs/index.ipynb --output-dir . --output README --log-level WARN
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/jupyter nbconvert --execute --to markdown nbs/index.ipynb --output-dir . --output README --log-level WARN
