@@ -50,4 +50,4 @@ pretrain:  ## retrain the embedded default model (data/default_vit.safetensors),
 	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/02_pretrain.ipynb runs/pretrain/02_pretrain.ipynb --cwd .
 
 readme:
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/jupyter nbconvert --execute --to markdown nbs/index.ipynb --output-dir . --output README --log-level WARN
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -c "from ns_vit.report import render_readme; print(render_readme())"
