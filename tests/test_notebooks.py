@@ -12,6 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = {
     '02_pretrain.ipynb': (['pretrain'], {}),
     '03_nullspace.ipynb': (['table1_nullspace_dims', 'fig2_exact_nullspace'], {}),
+    '04a_fig3_approx_nullspace.ipynb': (['fig3_approx_nullspace'], {}),
+    '04b_fig5_closure.ipynb': (['fig5_closure'], {}),
     '05_finetune.ipynb': (['finetune/ns-eps0.03'], {}),
     '07_table3_robustness.ipynb': (['table3_robustness'], {}),
     '08_table4_eps_ablation.ipynb': (['table4_eps_ablation'], {}),
