@@ -15,7 +15,7 @@ export NS_VIT_DATA ?= $(if $(wildcard ../shared/data/cifar10-jpeg.tar.gz),$(absp
 install:  ## create .venv and install ns_vit with pinned dependencies
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
-	$(BIN)/pip install -q --no-deps -c constraints.txt torchattacks==3.5.1
+	$(BIN)/pip install -q --no-deps -c constraints.txt torchattacks==3.5.1 grad-cam==1.5.7 ttach==0.0.3
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (ns_vit)" >/dev/null
 	$(BIN)/python -c "import ns_vit, timm, torch, torchattacks, nbdev; print('ns_vit ready: torch', torch.__version__, 'timm', timm.__version__)"
 
