@@ -10,7 +10,7 @@ export PYTHONHASHSEED := 0
 # real CIFAR-10 beside the project (CI and these machines); elsewhere set NS_VIT_DATA yourself or let torchvision download
 export NS_VIT_DATA ?= $(if $(wildcard ../shared/data/cifar10-jpeg.tar.gz),$(abspath ../shared/data),)
 
-.PHONY: install test nbtest pytest export clean check-sync reports pretrain readme
+.PHONY: install test nbtest pytest export clean check-sync reports bench gpu-check pretrain readme
 
 install:  ## create .venv and install ns_vit with pinned dependencies
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,13 +38,26 @@ check-sync:  ## fail if nbdev_export or nbdev_clean would change the tree
 	git diff --exit-code --stat -- nbs ns_vit || (echo "notebooks and ns_vit/ out of sync: run make export clean"; exit 1)
 	test -z "$$(git status --porcelain -- nbs ns_vit)" || (git status --porcelain -- nbs ns_vit; echo "untracked exports"; exit 1)
 
-REPORT_NBS ?= 03_nullspace 04a_fig3_approx_nullspace 04b_fig5_closure 05_finetune 07_table3_robustness 08_table4_eps_ablation
+REPORT_NBS ?= 03_nullspace 04a_fig3_approx_nullspace 04b_fig5_closure 06a_attacks 06b_corruptions 06c_shifts 05_finetune \
+  09_table2_robustness 07_table3_robustness 08_table4_eps_ablation 11_reproduction 10_blend 10a_explain 10b_fingerprint
 
 reports:  ## regenerate every figure and table into reports/ at default parameters (CPU: about an hour and a half)
 	mkdir -p runs/reports
-	set -e; for nb in $(REPORT_NBS); do echo "== $$nb"; OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH \
-	  $(BIN)/papermill nbs/$$nb.ipynb runs/reports/$$nb.ipynb --cwd . ; done
+	set -e; for nb in $(REPORT_NBS); do echo "== $$nb"; s=$$(date +%s); OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH \
+	  $(BIN)/papermill nbs/$$nb.ipynb runs/reports/$$nb.ipynb --cwd . ; echo "$$nb $$(( $$(date +%s) - s )) s" >> runs/reports/minutes.txt; done
 	$(BIN)/python -c "from ns_vit.report import write_index; print(write_index())"
+
+bench:  ## NS/plain time ratio, evaluation-suite minutes, ImageFolder loader images/s -> reports/benchmarks/
+	mkdir -p runs/reports
+	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/12_benchmarks.ipynb runs/reports/12_benchmarks.ipynb --cwd .
+
+gpu-check:  ## on a GPU machine: main job on cuda, NS vs plain steps of ViT-S/B at 224 px (bf16 too), torchrun with one process
+	mkdir -p runs/reports
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/12_benchmarks.ipynb runs/reports/12_benchmarks_cuda.ipynb --cwd . \
+	  -p device cuda -p semantics_check False -p suite_check True
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/05_finetune.ipynb runs/reports/05_finetune_cuda.ipynb --cwd . -p device cuda \
+	  -p report benchmarks/cuda/finetune -p out runs/gpu-check/ns
+	$(BIN)/torchrun --standalone --nproc_per_node 1 -m ns_vit.finetune --device cuda --steps 40 --out runs/gpu-check/torchrun
 
 pretrain:  ## retrain the embedded default model (data/default_vit.safetensors), about 35-60 min on 2 CPU cores
 	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/02_pretrain.ipynb runs/pretrain/02_pretrain.ipynb --cwd .

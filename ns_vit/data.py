@@ -11,10 +11,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 from PIL import Image
+from .training import atomic_save  # re-exported here: caches and checkpoints import it from data
 
 # %% auto #0
-__all__ = ['CIFAR10_CLASSES', 'ARCHIVE_NAME', 'repo_root', 'data_dirs', 'cache_dir', 'atomic_save', 'UInt8Images', 'cifar10',
-           'pixel_transform', 'image_folder', 'augment', 'load_images']
+__all__ = ['CIFAR10_CLASSES', 'ARCHIVE_NAME', 'repo_root', 'data_dirs', 'cache_dir', 'UInt8Images', 'cifar10', 'pixel_transform',
+           'image_folder', 'augment', 'load_images']
 
 # %% ../nbs/00_data.ipynb #9e4fa867
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
@@ -40,21 +41,6 @@ def cache_dir() -> Path:
     d = Path(os.environ.get('NS_VIT_CACHE', repo_root() / 'data' / 'cache')).expanduser()
     d.mkdir(parents=True, exist_ok=True)
     return d
-
-# %% ../nbs/00_data.ipynb #8aec4839
-def atomic_save(obj, path: str | Path, saver=torch.save) -> Path:
-    "Write `obj` to `path` with `saver(obj, tmp_path)` then rename, so readers never see a partial file."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    os.close(fd)
-    umask = os.umask(0); os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files: give the usual permissions
-    try:
-        saver(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.remove(tmp)
-    return path
 
 # %% ../nbs/00_data.ipynb #02eea55e
 class UInt8Images(Dataset):

@@ -13,17 +13,17 @@ import torch.nn.functional as F
 import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
-from .data import UInt8Images, augment, atomic_save, load_images, cifar10, image_folder, repo_root
+from .data import UInt8Images, augment, load_images, cifar10, image_folder, repo_root
+from .training import atomic_save, cosine_lr, seed_of, rank_world, claim_run_dir, step_indices, step_batches, gather
 from .models import PixelViT, as_vit, accuracy, model_device, get_model, save_checkpoint, load_checkpoint
 from .noise import eps_noise, gaussian_like, embedding_noise, embed_shape
-from .pretrain import cosine_lr
-from .evaluate import make_attack, adversarial_accuracy
+from .attacks import make_attack, adversarial_accuracy
 from fastcore.basics import IN_NOTEBOOK
 
 # %% auto #0
-__all__ = ['METHODS', 'FinetuneConfig', 'rank_world', 'broadcast_noise', 'get_batch', 'method_loss', 'batch_indices',
-           'synthesize_round', 'finetune', 'weights_digest', 'train_data', 'run_finetune', 'main', 'rounds_table',
-           'plot_dynamics', 'compare_methods']
+__all__ = ['METHODS', 'FinetuneConfig', 'broadcast_noise', 'get_batch', 'method_loss', 'batch_indices', 'synthesize_round',
+           'finetune', 'weights_digest', 'train_data', 'run_finetune', 'main', 'rounds_table', 'plot_dynamics',
+           'compare_methods']
 
 # %% ../nbs/05_finetune.ipynb #24f4090b
 METHODS = ('ns', 'none', 'gaussian', 'madry', 'trades')
@@ -40,7 +40,8 @@ class FinetuneConfig:
     warmup_steps: int = 20  # linear warm-up, then cosine decay to 0
     refresh_every: int = 40  # steps between noise syntheses (Algorithm 1)
     lim: float = 4.0  # initial noise ~ U(−lim, lim), large: starts outside the ε-nullspace
-    noise_lr: float = 0.1  # AdamW learning rate of the noise descent
+    noise_lr: float = 0.3  # AdamW learning rate of the noise descent (0.1 needs ~40 steps, 0.3 ~25 to the same norms)
+    noise_warm_start: bool = False  # start each round from 1.5 × the previous round's noise instead of U(−lim, lim)
     noise_lam: float = 0.1  # λ of the −λ·log‖δ‖ term during the descent
     noise_max_steps: int = 200  # cap on noise descent steps (then scaled down to the ε boundary)
     noise_batch: int = 128  # training images the noise is synthesised on
@@ -67,10 +68,6 @@ class FinetuneConfig:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
 
 # %% ../nbs/05_finetune.ipynb #fa429073
-def rank_world() -> tuple[int, int]:
-    "(rank, world size); (0, 1) outside torch.distributed."
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-
 def broadcast_noise(delta: Tensor | None, info: dict | None) -> tuple[Tensor, dict]:
     "Send rank 0's noise and its info to every rank (a no-op on one process)."
     if rank_world()[1] == 1: return delta, info
@@ -78,11 +75,9 @@ def broadcast_noise(delta: Tensor | None, info: dict | None) -> tuple[Tensor, di
     dist.broadcast_object_list(box, src=0)
     return box[0], box[1]
 
-def get_batch(data, idx: Tensor) -> tuple[Tensor, Tensor]:
+def get_batch(data, idx: Tensor, num_workers: int = 0) -> tuple[Tensor, Tensor]:
     "Images (B, C, H, W) in [0, 1] and labels for indices `idx` of a ns_vit or torchvision dataset."
-    if hasattr(data, 'tensors'): return data.tensors(idx)
-    xs, ys = zip(*(data[int(i)] for i in idx))
-    return torch.stack(xs), torch.tensor(ys)
+    return gather(data, idx, num_workers)
 
 # %% ../nbs/05_finetune.ipynb #f4446f8e
 def method_loss(model: nn.Module, raw: PixelViT, x: Tensor, y: Tensor, delta: Tensor | None, cfg: FinetuneConfig) -> Tensor:
@@ -105,26 +100,21 @@ def method_loss(model: nn.Module, raw: PixelViT, x: Tensor, y: Tensor, delta: Te
     return F.cross_entropy(logits[:B], y) + cfg.trades_beta * kl
 
 # %% ../nbs/05_finetune.ipynb #3ecabf27
-def _seed(*parts: int) -> int: return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:12], 16)
-
 def batch_indices(n: int, step: int, cfg: FinetuneConfig) -> Tensor:
-    "This rank's indices of the global batch of `step`: seeded epoch permutations of range(n)."
-    per_epoch = n // cfg.batch_size
-    epoch, off = divmod(step, per_epoch)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(cfg.seed, epoch)))
-    glob = order[off * cfg.batch_size:(off + 1) * cfg.batch_size]
-    rank, world = rank_world()
-    return glob[rank::world]
+    "This rank's indices of the global batch of `step` (`ns_vit.training.step_indices` with the run's batch and seed)."
+    return step_indices(n, step, cfg.batch_size, cfg.seed)
 
-def synthesize_round(raw: PixelViT, data, rnd: int, cfg: FinetuneConfig) -> tuple[Tensor | None, dict | None]:
+def synthesize_round(raw: PixelViT, data, rnd: int, cfg: FinetuneConfig, prev: Tensor | None = None,
+                     num_workers: int = 0) -> tuple[Tensor | None, dict | None]:
     "Rank 0 finds this round's ε-noise (norm-matched Gaussian for 'gaussian'); broadcast to all ranks."
     delta, info = None, None
     if rank_world()[0] == 0:
-        g = torch.Generator().manual_seed(_seed(cfg.seed, rnd, 1))
+        g = torch.Generator().manual_seed(seed_of(cfg.seed, rnd, 1))
         idx = torch.randperm(len(data), generator=g)[:cfg.noise_batch]
-        x = get_batch(data, idx)[0].to(model_device(raw))
+        x = get_batch(data, idx, num_workers)[0].to(model_device(raw))
+        warm = 1.5 * prev if cfg.noise_warm_start and cfg.method == 'ns' and prev is not None else None
         delta, info = eps_noise(raw, x, eps=cfg.eps, lim=cfg.lim, lr=cfg.noise_lr, max_steps=cfg.noise_max_steps,
-                                lam=cfg.noise_lam, generator=g)
+                                lam=cfg.noise_lam, generator=g, init=warm)
         if cfg.method == 'gaussian': delta = gaussian_like(delta, g)
         raw.train()
     delta, info = broadcast_noise(delta, info)
@@ -159,7 +149,7 @@ def _evaluate_during(model, val, fgsm_eps: float) -> dict:
     return dict(val_clean=accuracy(model, *val), val_fgsm=adversarial_accuracy(model, *val, 'fgsm', eps=fgsm_eps))
 
 def finetune(model: PixelViT, data, cfg: FinetuneConfig, run_dir: str | Path | None = None, val=None,
-             eval_every: int = 0, quiet: bool = False, stop_after: int | None = None) -> dict:
+             eval_every: int = 0, quiet: bool = False, stop_after: int | None = None, num_workers: int = 0) -> dict:
     "Finetune `model` on `data` with `cfg.method`; resumable from `run_dir/state.pt`; returns logs and the final model."
     cfg.validate()
     if len(data) < cfg.batch_size: raise ValueError(f'the training set has {len(data)} images, fewer than one batch of {cfg.batch_size}')
@@ -173,19 +163,27 @@ def finetune(model: PixelViT, data, cfg: FinetuneConfig, run_dir: str | Path | N
         step, delta, logs = st['step'], st['delta'], st['logs']
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     bar = tqdm(total=cfg.steps, initial=step, desc=f'finetune {cfg.method}', disable=quiet or rank != 0)
+    dev = model_device(model)
+    batches = step_batches(data, cfg.batch_size, cfg.seed, step, end, num_workers, pin_memory=dev.type == 'cuda')
+    timing = logs.setdefault('seconds', dict(noise=0.0, train=0.0))
     while step < end:
         if cfg.method in ('ns', 'gaussian') and step % cfg.refresh_every == 0:
-            delta, info = synthesize_round(model, data, step // cfg.refresh_every, cfg)
+            t0 = time.perf_counter()
+            delta, info = synthesize_round(model, data, step // cfg.refresh_every, cfg, delta, num_workers)
+            timing['noise'] += time.perf_counter() - t0
             logs['rounds'].append(dict(round=step // cfg.refresh_every, step=step, **info, noise_norm=delta.norm().item()))
-        torch.manual_seed(_seed(cfg.seed, step, rank))
-        x, y = get_batch(data, batch_indices(len(data), step, cfg))
+        t0 = time.perf_counter()
+        torch.manual_seed(seed_of(cfg.seed, step, rank))
+        x, y = next(batches)
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         if cfg.augment: x = augment(x)
         model.train()
-        loss = method_loss(net, model, x.to(model_device(model)), y.to(model_device(model)), delta, cfg)
+        loss = method_loss(net, model, x, y, delta, cfg)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
         if ema is not None: ema.update_parameters(model)
         step += 1; bar.update(1)
         logs['train'].append(dict(step=step, loss=loss.item(), lr=sched.get_last_lr()[0]))
+        timing['train'] += time.perf_counter() - t0
         if eval_every and (step % eval_every == 0 or step == cfg.steps) and rank == 0:
             logs['eval'].append(dict(step=step, **_evaluate_during(ema.module if ema else model, val, cfg.adv_eps)))
         if state_path and (step % cfg.refresh_every == 0 or step == end):
@@ -215,7 +213,7 @@ def train_data(dataset: str = 'cifar10', train_fraction: float = 0.1, seed: int 
 # %% ../nbs/05_finetune.ipynb #8806df6d
 def run_finetune(cfg: FinetuneConfig, model: str = 'default', checkpoint: str = '', dataset: str = 'cifar10',
                  train_fraction: float = 0.1, eval_size: int = 500, eval_every: int = 100, out: str = '',
-                 device: str = 'cpu', quiet: bool = False, runs_root: str = '') -> dict:
+                 device: str = 'cpu', quiet: bool = False, runs_root: str = '', workers: int = -1) -> dict:
     "Finetune a base model with `cfg` into a run folder (default `<runs_root>/<method>-<hash>`); reuse it if finished."
     cfg.validate()
     base = get_model(model, checkpoint, device)
@@ -225,28 +223,21 @@ def run_finetune(cfg: FinetuneConfig, model: str = 'default', checkpoint: str = 
     root = Path(runs_root) if runs_root else repo_root() / 'runs' / 'finetune'
     base_id = weights_digest(base)
     run_dir = Path(out) if out else root / f'{cfg.method}-eps{cfg.eps:g}-{cfg.digest()}-{base_id}'
-    _claim_run_dir(run_dir, dict(config=asdict(cfg), base=base_id, model=model, checkpoint=checkpoint,
-                                 dataset=dataset, train_fraction=train_fraction))
+    claim_run_dir(run_dir, dict(config=asdict(cfg), base=base_id, model=model, checkpoint=checkpoint,
+                                dataset=dataset, train_fraction=train_fraction))
     if (run_dir / 'model.safetensors').exists() and (run_dir / 'metrics.json').exists():
         return dict(model=load_checkpoint(run_dir / 'model.safetensors', device)[0], base=base, run_dir=run_dir,
                     logs=json.loads((run_dir / 'metrics.json').read_text())['logs'], cached=True)
     val = load_images(dataset, 'test', eval_size, cfg.seed + 1) if eval_size else None
     ft = copy.deepcopy(base)  # the copy that trains; `base` stays for comparison
     t0 = time.time()
-    res = finetune(ft, data, cfg, run_dir, val, eval_every, quiet)
+    workers = workers if workers >= 0 else (0 if dataset == 'cifar10' else min(8, os.cpu_count() or 1))  # decode JPEGs in parallel
+    res = finetune(ft, data, cfg, run_dir, val, eval_every, quiet, num_workers=workers)
     if rank_world()[0] == 0 and res['done']:
         save_checkpoint(res['model'], run_dir / 'model.safetensors', _card(res['model'], model, checkpoint, dataset, cfg, train_fraction))
         atomic_save(dict(config=asdict(cfg), logs=res['logs'], wall_time_s=time.time() - t0),
                     run_dir / 'metrics.json', lambda o, p: Path(p).write_text(json.dumps(o, indent=2)))
     return dict(model=res['model'], base=base, run_dir=run_dir, logs=res['logs'], cached=False)
-
-def _claim_run_dir(run_dir: Path, spec: dict) -> None:
-    "Create `run_dir` for `spec`, or check that the run already in it was made with the same spec."
-    run_dir.mkdir(parents=True, exist_ok=True)
-    f = run_dir / 'run.json'
-    if f.exists() and json.loads(f.read_text()) != json.loads(json.dumps(spec)):
-        raise ValueError(f'{run_dir} holds a run with other parameters (see {f}); pass another `out` or delete the folder')
-    if rank_world()[0] == 0: atomic_save(spec, f, lambda o, p: Path(p).write_text(json.dumps(o, indent=2)))
 
 def _card(m: PixelViT, model: str, checkpoint: str, dataset: str, cfg: FinetuneConfig, train_fraction: float) -> dict:
     "The model card of a finetuned model: base architecture plus how it was finetuned."
@@ -264,6 +255,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--dataset', default='cifar10'); p.add_argument('--train-fraction', type=float, default=0.1)
     p.add_argument('--eval-size', type=int, default=500); p.add_argument('--eval-every', type=int, default=100)
     p.add_argument('--out', default=''); p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--workers', type=int, default=-1, help='DataLoader workers decoding ImageFolder images (-1: auto)')
     p.add_argument('--stop-after', type=int, default=None, help='stop after this many steps (to test resuming)')
     return p
 
@@ -309,19 +301,18 @@ def plot_dynamics(logs: dict, title: str = ''):
 
 # %% ../nbs/05_finetune.ipynb #613af4f3
 def compare_methods(configs: dict[str, FinetuneConfig], model: str = 'default', checkpoint: str = '',
-                    dataset: str = 'cifar10', train_fraction: float = 1.0, eval_size: int = 1000, attack_eps: float = 8 / 255,
-                    pgd_steps: int = 10, corruptions=None, severity: int = 3, seed: int = 0, device: str = 'cpu',
-                    eval_every: int = 0, quiet: bool = True, runs_root: str = ''):
-    "Finetune once per labelled config and evaluate base + all models on one test sample: (table, {label: run})."
-    from ns_vit.evaluate import evaluate_models, CORRUPTIONS
+                    dataset: str = 'cifar10', train_fraction: float = 1.0, suite: str | list[str] = 'cifar10',
+                    n: int | dict | None = None, data: dict | None = None, seed: int = 0, device: str = 'cpu',
+                    eval_every: int = 0, quiet: bool = True, runs_root: str = '', reference: str = 'base'):
+    "Finetune once per labelled config, evaluate base + all models on the same images: (table, runs, results, paired tests)."
+    from ns_vit.evaluate import evaluate_models
     for c in configs.values(): c.validate()  # every config checked before any training
     runs = {label: run_finetune(c, model, checkpoint, dataset, train_fraction, 0, eval_every, '', device, quiet, runs_root)
             for label, c in tqdm(configs.items(), desc='runs', disable=quiet)}
-    x, y = load_images(dataset, 'test', eval_size, seed + 2)
     models = {'base': next(iter(runs.values()))['base'], **{k: r['model'] for k, r in runs.items()}}
-    table = evaluate_models(models, x, y, eps=attack_eps, pgd_steps=pgd_steps,
-                            corruptions=CORRUPTIONS if corruptions is None else corruptions, severity=severity, seed=seed)
-    return table, runs
+    if dataset != 'cifar10': data = {'val': str(Path(dataset) / 'val'), **(data or {})}
+    table, results, paired = evaluate_models(models, suite, n, data, seed, reference, quiet)
+    return table, runs, results, paired
 
 # %% ../nbs/05_finetune.ipynb #b21831e1
 if __name__ == '__main__' and not IN_NOTEBOOK: main()  # python -m ns_vit.finetune / torchrun -m ns_vit.finetune

@@ -126,16 +126,21 @@ def _shrink_to_eps(model, x, delta, p_clean, eps: float, iters: int = 12) -> tup
 # %% ../nbs/04_noise.ipynb #05e8674e
 def eps_noise(model: nn.Module, batches: Tensor | Iterable[Tensor], eps: float = 0.03, lim: float = 1.0,
               lr: float = 0.01, max_steps: int = 500, lam: float = 0.1, generator: torch.Generator | None = None,
-              quiet: bool = True) -> tuple[Tensor, dict]:
+              quiet: bool = True, init: Tensor | None = None) -> tuple[Tensor, dict]:
     "Noise (1, N, D) on the boundary of the ε-approximate nullspace of `model`; info: steps, mse_prob, norm, converged."
     if not eps > 0: raise ValueError(f'eps must be > 0 (the bound on the MSE of probabilities), got {eps}')
-    dev = model_device(model)
-    delta = init_noise(model, lim, generator).requires_grad_(True)
+    dev, fixed = model_device(model), isinstance(batches, Tensor)
+    delta = (init.detach().clone().to(dev) if init is not None else init_noise(model, lim, generator)).requires_grad_(True)
     opt = torch.optim.AdamW([delta], lr=lr, weight_decay=0.0)
+    stream = _batches(batches)
     with frozen(model):
-        for step, x in zip(tqdm(range(max_steps + 1), desc=f'ε={eps:g} noise', disable=quiet, leave=False), _batches(batches)):
-            x = x.to(dev)
+        if fixed:  # the model is frozen and the batch fixed: its clean logits are computed once, not every step
+            x = batches.to(dev)
             with torch.no_grad(): clean = model(x)  # (B, K)
+        for step in tqdm(range(max_steps + 1), desc=f'ε={eps:g} noise', disable=quiet, leave=False):
+            if not fixed:
+                x = next(stream).to(dev)
+                with torch.no_grad(): clean = model(x)  # (B, K)
             noisy = embed_forward(model, x, delta)
             mse = (noisy.softmax(1) - clean.softmax(1)).pow(2).sum(1).mean().item()
             if mse < eps: return delta.detach(), dict(steps=step, mse_prob=mse, norm=delta.norm().item(), converged=True)

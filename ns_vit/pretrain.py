@@ -11,11 +11,12 @@ import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from .data import UInt8Images, augment, atomic_save
+from .data import UInt8Images, augment
+from .training import atomic_save, cosine_lr
 from .models import PixelViT, accuracy, model_device
 
 # %% auto #0
-__all__ = ['TrainConfig', 'cosine_lr', 'train_epoch', 'train_classifier']
+__all__ = ['TrainConfig', 'train_epoch', 'train_classifier']
 
 # %% ../nbs/02_pretrain.ipynb #ae543bc9
 @dataclass
@@ -29,10 +30,6 @@ class TrainConfig:
     label_smoothing: float = 0.1  # cross-entropy label smoothing
     seed: int = 0  # seeds initial order, augmentation and everything random
 
-def cosine_lr(step: int, total: int, warmup: int) -> float:
-    "Learning-rate multiplier: linear warm-up for `warmup` steps, then cosine decay to 0 at `total`."
-    if step < warmup: return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 # %% ../nbs/02_pretrain.ipynb #65c0344f
 def _state(model, opt, sched, epoch, history) -> dict:
