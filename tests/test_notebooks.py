@@ -15,8 +15,17 @@ EXPERIMENTS = {
     '04a_fig3_approx_nullspace.ipynb': (['fig3_approx_nullspace'], {}),
     '04b_fig5_closure.ipynb': (['fig5_closure'], {}),
     '05_finetune.ipynb': (['finetune/ns-eps0.03'], {}),
+    '06a_attacks.ipynb': (['attack_budgets'], {}),
+    '06b_corruptions.ipynb': (['corruptions'], {}),
+    '06c_shifts.ipynb': (['damagenet_cifar10'], {}),
     '07_table3_robustness.ipynb': (['table3_robustness'], {}),
     '08_table4_eps_ablation.ipynb': (['table4_eps_ablation'], {}),
+    '09_table2_robustness.ipynb': (['table2_robustness'], {}),
+    '10_blend.ipynb': (['fig6_watermark', 'fig7_lookalike'], {}),
+    '10a_explain.ipynb': (['fig8_10_saliency'], {}),
+    '10b_fingerprint.ipynb': (['fingerprint'], {}),
+    '11_reproduction.ipynb': (['reproduction'], {}),
+    '12_benchmarks.ipynb': (['benchmarks'], {}),
 }
 
 
