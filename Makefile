@@ -10,7 +10,7 @@ export PYTHONHASHSEED := 0
 # real CIFAR-10 beside the project (CI and these machines); elsewhere set NS_VIT_DATA yourself or let torchvision download
 export NS_VIT_DATA ?= $(if $(wildcard ../shared/data/cifar10-jpeg.tar.gz),$(abspath ../shared/data),)
 
-.PHONY: install test nbtest pytest export clean check-sync reports bench gpu-check pretrain readme
+.PHONY: install test nbtest pytest export clean check-sync reports study bench gpu-check pretrain readme
 
 install:  ## create .venv and install ns_vit with pinned dependencies
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,13 +39,17 @@ check-sync:  ## fail if nbdev_export or nbdev_clean would change the tree
 	test -z "$$(git status --porcelain -- nbs ns_vit)" || (git status --porcelain -- nbs ns_vit; echo "untracked exports"; exit 1)
 
 REPORT_NBS ?= 03_nullspace 04a_fig3_approx_nullspace 04b_fig5_closure 06a_attacks 06b_corruptions 06c_shifts 05_finetune \
-  09_table2_robustness 07_table3_robustness 08_table4_eps_ablation 11_reproduction 10_blend 10a_explain 10b_fingerprint
+  09_table2_robustness 07_table3_robustness 08_table4_eps_ablation 10_blend 10a_explain 10b_fingerprint
 
-reports:  ## regenerate every figure and table into reports/ at default parameters (CPU: about an hour and a half)
+reports:  ## regenerate every figure and table into reports/ at default parameters (CPU: see reports/benchmarks)
 	mkdir -p runs/reports
 	set -e; for nb in $(REPORT_NBS); do echo "== $$nb"; s=$$(date +%s); OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH \
 	  $(BIN)/papermill nbs/$$nb.ipynb runs/reports/$$nb.ipynb --cwd . ; echo "$$nb $$(( $$(date +%s) - s )) s" >> runs/reports/minutes.txt; done
 	$(BIN)/python -c "from ns_vit.report import write_index; print(write_index())"
+
+study:  ## the reproduction study at its full default design (issue 9; hours on 2 CPU cores, reuses every finished run)
+	mkdir -p runs/reports
+	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/11_reproduction.ipynb runs/reports/11_reproduction.ipynb --cwd .
 
 bench:  ## NS/plain time ratio, evaluation-suite minutes, ImageFolder loader images/s -> reports/benchmarks/
 	mkdir -p runs/reports

@@ -10,8 +10,8 @@ import torch
 from .data import repo_root, atomic_save
 
 # %% auto #0
-__all__ = ['PAPER_ARTIFACTS', 'in_test', 'report_dir', 'git_commit', 'device_info', 'write_json', 'write_meta', 'save_table',
-           'save_figure', 'write_index', 'notebook_markdown', 'render_readme']
+__all__ = ['PAPER_ARTIFACTS', 'in_test', 'report_dir', 'git_commit', 'device_info', 'param', 'write_json', 'write_meta',
+           'save_table', 'save_figure', 'write_index', 'notebook_markdown', 'render_readme']
 
 # %% ../nbs/00a_report.ipynb #aae446aa
 def in_test() -> bool:
@@ -38,6 +38,13 @@ def device_info(device: str | torch.device = 'cpu') -> str:
     device = torch.device(device)
     if device.type == 'cuda': return torch.cuda.get_device_name(device)
     return f'cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'
+
+def param(value):
+    "A papermill parameter: `-p name '[1, 2]'` arrives as a string; decode JSON lists and dicts, pass the rest through."
+    if isinstance(value, str) and value.strip()[:1] in '[{':
+        import json
+        return json.loads(value)
+    return value
 
 # %% ../nbs/00a_report.ipynb #e0a9db3b
 def write_json(obj, path: str | Path) -> Path:
