@@ -15,15 +15,14 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 from .data import UInt8Images, augment, load_images, cifar10, image_folder, repo_root
 from .training import atomic_save, cosine_lr, seed_of, rank_world, claim_run_dir, step_indices, step_batches, gather
-from .models import PixelViT, as_vit, accuracy, model_device, get_model, save_checkpoint, load_checkpoint
+from .models import PixelViT, as_vit, accuracy, model_device, get_model, save_checkpoint, load_checkpoint, weights_digest
 from .noise import eps_noise, gaussian_like, embedding_noise, embed_shape
 from .attacks import make_attack, adversarial_accuracy
 from fastcore.basics import IN_NOTEBOOK
 
 # %% auto #0
 __all__ = ['METHODS', 'FinetuneConfig', 'broadcast_noise', 'get_batch', 'method_loss', 'batch_indices', 'synthesize_round',
-           'finetune', 'weights_digest', 'train_data', 'run_finetune', 'main', 'rounds_table', 'plot_dynamics',
-           'compare_methods']
+           'finetune', 'train_data', 'run_finetune', 'main', 'rounds_table', 'plot_dynamics', 'compare_methods']
 
 # %% ../nbs/05_finetune.ipynb #24f4090b
 METHODS = ('ns', 'none', 'gaussian', 'madry', 'trades')
@@ -193,12 +192,6 @@ def finetune(model: PixelViT, data, cfg: FinetuneConfig, run_dir: str | Path | N
     return dict(logs=logs, model=final.eval(), done=step >= cfg.steps, step=step)
 
 # %% ../nbs/05_finetune.ipynb #46f7b071
-def weights_digest(model: nn.Module) -> str:
-    "A short hash of a model's weights (names the base model in run folders)."
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()): h.update(k.encode()); h.update(v.detach().cpu().float().numpy().tobytes())
-    return h.hexdigest()[:8]
-
 def train_data(dataset: str = 'cifar10', train_fraction: float = 0.1, seed: int = 0):
     "The finetuning set: a seeded `train_fraction` of CIFAR-10 train, or of an ImageFolder's `train/` folder."
     if not 0 < train_fraction <= 1: raise ValueError(f'train_fraction must be in (0, 1], got {train_fraction}')

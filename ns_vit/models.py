@@ -17,7 +17,8 @@ from .data import atomic_save, repo_root
 # %% auto #0
 __all__ = ['DEFAULT_ARCH', 'DEFAULT_ARCH_KWARGS', 'CIFAR10_MEAN', 'CIFAR10_STD', 'DEFAULT_CHECKPOINT', 'PixelViT', 'check_vit',
            'as_vit', 'read_state_dict', 'split_normalizer', 'create_vit', 'model_card', 'save_checkpoint',
-           'load_checkpoint', 'default_vit', 'load_default_model', 'model_device', 'predict', 'accuracy', 'get_model']
+           'load_checkpoint', 'default_vit', 'load_default_model', 'model_device', 'weights_digest', 'predict',
+           'accuracy', 'get_model']
 
 # %% ../nbs/01_models.ipynb #40cc385a
 class PixelViT(nn.Module):
@@ -146,6 +147,13 @@ def load_default_model(path: str | Path | None = None, map_location='cpu') -> Pi
 def model_device(model: nn.Module) -> torch.device:
     "The device of `model`'s parameters."
     return next(model.parameters()).device
+
+def weights_digest(model: nn.Module, length: int = 8) -> str:
+    "A short hash of a model's weights and buffers (names base models in run folders, keys evaluation caches)."
+    import hashlib
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()): h.update(k.encode()); h.update(v.detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()[:length]
 
 @torch.no_grad()
 def predict(model: nn.Module, images: Tensor, batch_size: int = 500) -> Tensor:
