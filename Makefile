@@ -10,7 +10,7 @@ export PYTHONHASHSEED := 0
 # real CIFAR-10 beside the project (CI and these machines); elsewhere set NS_VIT_DATA yourself or let torchvision download
 export NS_VIT_DATA ?= $(if $(wildcard ../shared/data/cifar10-jpeg.tar.gz),$(abspath ../shared/data),)
 
-.PHONY: install test nbtest pytest export clean check-sync reports study bench gpu-check pretrain readme
+.PHONY: install test nbtest pytest export clean check-sync reports lane study bench gpu-check pretrain readme
 
 install:  ## create .venv and install ns_vit with pinned dependencies
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,18 +38,39 @@ check-sync:  ## fail if nbdev_export or nbdev_clean would change the tree
 	git diff --exit-code --stat -- nbs ns_vit || (echo "notebooks and ns_vit/ out of sync: run make export clean"; exit 1)
 	test -z "$$(git status --porcelain -- nbs ns_vit)" || (git status --porcelain -- nbs ns_vit; echo "untracked exports"; exit 1)
 
-REPORT_NBS ?= 03_nullspace 04a_fig3_approx_nullspace 04b_fig5_closure 06a_attacks 06b_corruptions 06c_shifts 05_finetune \
-  09_table2_robustness 07_table3_robustness 08_table4_eps_ablation 10_blend 10a_explain 10b_fingerprint
+# make reports: the shared data sets first (two notebooks side by side), then two lanes of one-thread notebooks side by
+# side (two 1-thread torch jobs use this 2-core machine better than one 2-thread job). Lane A holds every notebook that
+# trains or reuses finetuning runs, in order (runs are shared through their folders); lane B the rest. Minutes per
+# notebook go to runs/reports/minutes.txt and reports/benchmarks/make_reports_minutes.md.
+DATA_NBS ?= 06c_shifts 06b_corruptions
+LANE_A ?= 05_finetune 09_table2_robustness 07_table3_robustness 08_table4_eps_ablation 11_reproduction
+LANE_B ?= 03_nullspace 04a_fig3_approx_nullspace 04b_fig5_closure 06a_attacks 10_blend 10a_explain 10b_fingerprint
+REPORT_NBS ?= $(DATA_NBS) $(LANE_A) $(LANE_B)
+PAPERMILL = OMP_NUM_THREADS=1 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill --no-progress-bar
 
-reports:  ## regenerate every figure and table into reports/ at default parameters (CPU: see reports/benchmarks)
-	mkdir -p runs/reports
-	set -e; for nb in $(REPORT_NBS); do echo "== $$nb"; s=$$(date +%s); OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH \
-	  $(BIN)/papermill nbs/$$nb.ipynb runs/reports/$$nb.ipynb --cwd . ; echo "$$nb $$(( $$(date +%s) - s )) s" >> runs/reports/minutes.txt; done
-	$(BIN)/python -c "from ns_vit.report import write_index; print(write_index())"
+reports:  ## regenerate every figure and table into reports/ at default parameters (CPU minutes: reports/benchmarks)
+	mkdir -p runs/reports; rm -f runs/reports/minutes.txt
+	set -e; s=$$(date +%s); \
+	$(MAKE) -s lane LANE=data0 NBS="$(word 1,$(DATA_NBS))" & a=$$!; $(MAKE) -s lane LANE=data1 NBS="$(wordlist 2,99,$(DATA_NBS))" & b=$$!; \
+	wait $$a; wait $$b; \
+	$(MAKE) -s lane LANE=A NBS="$(LANE_A)" & a=$$!; $(MAKE) -s lane LANE=B NBS="$(LANE_B)" & b=$$!; \
+	wait $$a; wait $$b; echo "total - $$(( $$(date +%s) - s ))" >> runs/reports/minutes.txt
+	$(BIN)/python -c "from ns_vit.report import write_index, write_minutes; print(write_minutes()); print(write_index())"
 
-study:  ## the reproduction study at its full default design (issue 9; hours on 2 CPU cores, reuses every finished run)
+lane:  # one lane of `make reports`: NBS in order, one torch thread each
+	set -e; for nb in $(NBS); do echo "== $$nb (lane $(LANE))"; s=$$(date +%s); \
+	  $(PAPERMILL) nbs/$$nb.ipynb runs/reports/$$nb.ipynb --cwd . -p threads 1 > runs/reports/$$nb.log 2>&1 \
+	  || { tail -30 runs/reports/$$nb.log; exit 1; }; echo "$$nb $(LANE) $$(( $$(date +%s) - s ))" >> runs/reports/minutes.txt; done
+
+SCREEN ?= {"default": {}, "loss noisy": {"loss": "noisy"}, "lr 1e-3": {"lr": 0.001}, "1600 steps": {"steps": 1600}, \
+  "eps 0.1": {"eps": 0.1}, "refresh 10": {"refresh_every": 10}, "refresh per epoch": {"refresh_every": 390}, \
+  "lim 8": {"lim": 8.0}, "noise batch 512": {"noise_batch": 512}, \
+  "10% data, one pass": {"train_fraction": 0.1, "steps": 39, "warmup_steps": 2}}
+
+study:  ## the reproduction study with its full screen (issue 9; hours on 2 CPU cores; reuses every finished run)
 	mkdir -p runs/reports
-	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/11_reproduction.ipynb runs/reports/11_reproduction.ipynb --cwd .
+	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/11_reproduction.ipynb runs/reports/11_reproduction_screen.ipynb \
+	  --cwd . -p screen '$(SCREEN)'
 
 bench:  ## NS/plain time ratio, evaluation-suite minutes, ImageFolder loader images/s -> reports/benchmarks/
 	mkdir -p runs/reports

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 from .data import UInt8Images, augment, load_images, cifar10, image_folder, repo_root
-from .training import atomic_save, cosine_lr, seed_of, rank_world, claim_run_dir, step_indices, step_batches, gather
+from .training import atomic_save, cosine_lr, seed_of, rank_world, claim_run_dir, run_lock, step_indices, step_batches, gather
 from .models import PixelViT, as_vit, accuracy, model_device, get_model, save_checkpoint, load_checkpoint, weights_digest
 from .noise import eps_noise, gaussian_like, embedding_noise, embed_shape
 from .attacks import make_attack, adversarial_accuracy
@@ -39,7 +39,9 @@ class FinetuneConfig:
     warmup_steps: int = 20  # linear warm-up, then cosine decay to 0
     refresh_every: int = 40  # steps between noise syntheses (Algorithm 1)
     lim: float = 4.0  # initial noise ~ U(−lim, lim), large: starts outside the ε-nullspace
-    noise_lr: float = 0.3  # AdamW learning rate of the noise descent (0.1 needs ~40 steps, 0.3 ~25 to the same norms)
+    noise_lr: float = 0.3  # AdamW learning rate of the noise descent (paper loop: 0.1)
+    noise_beta1: float = 0.85  # AdamW β1 of the descent (paper loop: 0.9)
+    noise_chunks: int = 2  # descent steps alternate over this many chunks of the noise batch; stop confirmed on all (paper: 1)
     noise_warm_start: bool = False  # start each round from 1.5 × the previous round's noise instead of U(−lim, lim)
     noise_lam: float = 0.1  # λ of the −λ·log‖δ‖ term during the descent
     noise_max_steps: int = 200  # cap on noise descent steps (then scaled down to the ε boundary)
@@ -57,7 +59,7 @@ class FinetuneConfig:
         if self.method not in METHODS: raise ValueError(f'unknown method {self.method!r}; choose from {METHODS}')
         if self.method in ('ns', 'gaussian') and not self.eps > 0: raise ValueError(f'eps must be > 0, got {self.eps}')
         if self.loss not in ('clean+noisy', 'noisy'): raise ValueError(f"loss must be 'clean+noisy' or 'noisy', not {self.loss!r}")
-        for k in ('steps', 'batch_size', 'refresh_every', 'noise_batch'):
+        for k in ('steps', 'batch_size', 'refresh_every', 'noise_batch', 'noise_chunks'):
             if getattr(self, k) < 1: raise ValueError(f'{k} must be >= 1, got {getattr(self, k)}')
         if not 0 <= self.ema_decay < 1: raise ValueError(f'ema_decay must be in [0, 1), got {self.ema_decay}')
         return self
@@ -113,7 +115,7 @@ def synthesize_round(raw: PixelViT, data, rnd: int, cfg: FinetuneConfig, prev: T
         x = get_batch(data, idx, num_workers)[0].to(model_device(raw))
         warm = 1.5 * prev if cfg.noise_warm_start and cfg.method == 'ns' and prev is not None else None
         delta, info = eps_noise(raw, x, eps=cfg.eps, lim=cfg.lim, lr=cfg.noise_lr, max_steps=cfg.noise_max_steps,
-                                lam=cfg.noise_lam, generator=g, init=warm)
+                                lam=cfg.noise_lam, generator=g, init=warm, betas=(cfg.noise_beta1, 0.999), chunks=cfg.noise_chunks)
         if cfg.method == 'gaussian': delta = gaussian_like(delta, g)
         raw.train()
     delta, info = broadcast_noise(delta, info)
@@ -218,18 +220,19 @@ def run_finetune(cfg: FinetuneConfig, model: str = 'default', checkpoint: str = 
     run_dir = Path(out) if out else root / f'{cfg.method}-eps{cfg.eps:g}-{cfg.digest()}-{base_id}'
     claim_run_dir(run_dir, dict(config=asdict(cfg), base=base_id, model=model, checkpoint=checkpoint,
                                 dataset=dataset, train_fraction=train_fraction))
-    if (run_dir / 'model.safetensors').exists() and (run_dir / 'metrics.json').exists():
-        return dict(model=load_checkpoint(run_dir / 'model.safetensors', device)[0], base=base, run_dir=run_dir,
-                    logs=json.loads((run_dir / 'metrics.json').read_text())['logs'], cached=True)
-    val = load_images(dataset, 'test', eval_size, cfg.seed + 1) if eval_size else None
-    ft = copy.deepcopy(base)  # the copy that trains; `base` stays for comparison
-    t0 = time.time()
-    workers = workers if workers >= 0 else (0 if dataset == 'cifar10' else min(8, os.cpu_count() or 1))  # decode JPEGs in parallel
-    res = finetune(ft, data, cfg, run_dir, val, eval_every, quiet, num_workers=workers)
-    if rank_world()[0] == 0 and res['done']:
-        save_checkpoint(res['model'], run_dir / 'model.safetensors', _card(res['model'], model, checkpoint, dataset, cfg, train_fraction))
-        atomic_save(dict(config=asdict(cfg), logs=res['logs'], wall_time_s=time.time() - t0),
-                    run_dir / 'metrics.json', lambda o, p: Path(p).write_text(json.dumps(o, indent=2)))
+    with run_lock(run_dir):  # another process training this run: wait for it, then reuse its result
+        if (run_dir / 'model.safetensors').exists() and (run_dir / 'metrics.json').exists():
+            return dict(model=load_checkpoint(run_dir / 'model.safetensors', device)[0], base=base, run_dir=run_dir,
+                        logs=json.loads((run_dir / 'metrics.json').read_text())['logs'], cached=True)
+        val = load_images(dataset, 'test', eval_size, cfg.seed + 1) if eval_size else None
+        ft = copy.deepcopy(base)  # the copy that trains; `base` stays for comparison
+        t0 = time.time()
+        workers = workers if workers >= 0 else (0 if dataset == 'cifar10' else min(8, os.cpu_count() or 1))  # decode JPEGs in parallel
+        res = finetune(ft, data, cfg, run_dir, val, eval_every, quiet, num_workers=workers)
+        if rank_world()[0] == 0 and res['done']:
+            save_checkpoint(res['model'], run_dir / 'model.safetensors', _card(res['model'], model, checkpoint, dataset, cfg, train_fraction))
+            atomic_save(dict(config=asdict(cfg), logs=res['logs'], wall_time_s=time.time() - t0),
+                        run_dir / 'metrics.json', lambda o, p: Path(p).write_text(json.dumps(o, indent=2)))
     return dict(model=res['model'], base=base, run_dir=run_dir, logs=res['logs'], cached=False)
 
 def _card(m: PixelViT, model: str, checkpoint: str, dataset: str, cfg: FinetuneConfig, train_fraction: float) -> dict:

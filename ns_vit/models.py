@@ -5,6 +5,7 @@
 # %% ../nbs/01_models.ipynb #49964304
 from __future__ import annotations
 import json
+from contextlib import contextmanager
 from pathlib import Path
 import torch
 from torch import nn, Tensor
@@ -15,10 +16,10 @@ from safetensors.torch import save_file, load_file, safe_open
 from .data import atomic_save, repo_root
 
 # %% auto #0
-__all__ = ['DEFAULT_ARCH', 'DEFAULT_ARCH_KWARGS', 'CIFAR10_MEAN', 'CIFAR10_STD', 'DEFAULT_CHECKPOINT', 'PixelViT', 'check_vit',
-           'as_vit', 'read_state_dict', 'split_normalizer', 'create_vit', 'model_card', 'save_checkpoint',
-           'load_checkpoint', 'default_vit', 'load_default_model', 'model_device', 'weights_digest', 'predict',
-           'accuracy', 'get_model']
+__all__ = ['DEFAULT_ARCH', 'DEFAULT_ARCH_KWARGS', 'CIFAR10_MEAN', 'CIFAR10_STD', 'DEFAULT_CHECKPOINT', 'PixelViT',
+           'math_attention', 'check_vit', 'as_vit', 'read_state_dict', 'split_normalizer', 'create_vit', 'model_card',
+           'save_checkpoint', 'load_checkpoint', 'default_vit', 'load_default_model', 'model_device', 'weights_digest',
+           'predict', 'accuracy', 'get_model']
 
 # %% ../nbs/01_models.ipynb #40cc385a
 class PixelViT(nn.Module):
@@ -29,7 +30,23 @@ class PixelViT(nn.Module):
         self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer('std', torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
     def normalize(self, x: Tensor) -> Tensor: return (x - self.mean) / self.std  # (B, C, H, W)
-    def forward(self, x: Tensor) -> Tensor: return self.vit(self.normalize(x))  # (B, num_classes)
+    cpu_math_attention: bool = True  # on CPU with ≤ 256 tokens, attention as plain matmuls (faster there than SDPA's kernel)
+    def forward(self, x: Tensor) -> Tensor:  # (B, num_classes)
+        if not (self.cpu_math_attention and x.device.type == 'cpu'): return self.vit(self.normalize(x))
+        with math_attention(self.vit): return self.vit(self.normalize(x))
+
+@contextmanager
+def math_attention(vit: nn.Module, max_tokens: int = 256):
+    "Within the context the blocks of `vit` compute attention with explicit matmuls instead of fused SDPA (short sequences)."
+    mods = [b.attn for b in getattr(vit, 'blocks', []) if hasattr(b, 'attn') and hasattr(b.attn, 'fused_attn')]
+    pe = getattr(vit, 'patch_embed', None)
+    tokens = getattr(pe, 'num_patches', max_tokens + 1) + getattr(vit, 'num_prefix_tokens', 1)
+    if not mods or tokens > max_tokens or getattr(pe, 'dynamic_img_size', False): yield; return
+    flags = [m.fused_attn for m in mods]
+    for m in mods: m.fused_attn = False
+    try: yield
+    finally:
+        for m, f in zip(mods, flags): m.fused_attn = f
 
 def check_vit(vit: nn.Module) -> nn.Module:
     "Return `vit` if it is a ViT with a linear, non-overlapping patch embedding; raise a clear error otherwise."

@@ -126,26 +126,35 @@ def _shrink_to_eps(model, x, delta, p_clean, eps: float, iters: int = 12) -> tup
 # %% ../nbs/04_noise.ipynb #05e8674e
 def eps_noise(model: nn.Module, batches: Tensor | Iterable[Tensor], eps: float = 0.03, lim: float = 1.0,
               lr: float = 0.01, max_steps: int = 500, lam: float = 0.1, generator: torch.Generator | None = None,
-              quiet: bool = True, init: Tensor | None = None) -> tuple[Tensor, dict]:
-    "Noise (1, N, D) on the boundary of the ε-approximate nullspace of `model`; info: steps, mse_prob, norm, converged."
+              quiet: bool = True, init: Tensor | None = None, betas: tuple[float, float] = (0.9, 0.999),
+              chunks: int = 1) -> tuple[Tensor, dict]:
+    """Noise (1, N, D) on the boundary of the ε-approximate nullspace of `model`; info: steps, mse_prob, norm, converged.
+    With `chunks` > 1 and a fixed batch, each descent step uses one chunk of it in turn; the stop (mse_prob < ε) is
+    estimated from the chunks' latest values and confirmed on the whole batch before the noise is returned."""
     if not eps > 0: raise ValueError(f'eps must be > 0 (the bound on the MSE of probabilities), got {eps}')
+    if chunks < 1: raise ValueError(f'chunks must be >= 1, got {chunks}')
     dev, fixed = model_device(model), isinstance(batches, Tensor)
     delta = (init.detach().clone().to(dev) if init is not None else init_noise(model, lim, generator)).requires_grad_(True)
-    opt = torch.optim.AdamW([delta], lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([delta], lr=lr, betas=betas, weight_decay=0.0)
     stream = _batches(batches)
     with frozen(model):
         if fixed:  # the model is frozen and the batch fixed: its clean logits are computed once, not every step
             x = batches.to(dev)
             with torch.no_grad(): clean = model(x)  # (B, K)
+            parts, last = list(zip(x.chunk(chunks), clean.chunk(chunks))), [float('inf')] * min(chunks, len(x))
         for step in tqdm(range(max_steps + 1), desc=f'ε={eps:g} noise', disable=quiet, leave=False):
             if not fixed:
                 x = next(stream).to(dev)
                 with torch.no_grad(): clean = model(x)  # (B, K)
-            noisy = embed_forward(model, x, delta)
-            mse = (noisy.softmax(1) - clean.softmax(1)).pow(2).sum(1).mean().item()
-            if mse < eps: return delta.detach(), dict(steps=step, mse_prob=mse, norm=delta.norm().item(), converged=True)
+                parts, last = [(x, clean)], [float('inf')]
+            i = step % len(parts); xi, ci = parts[i]
+            noisy = embed_forward(model, xi, delta)
+            last[i] = (noisy.softmax(1) - ci.softmax(1)).pow(2).sum(1).mean().item()
+            if sum(last) / len(last) < eps:  # one chunk: exact; several: confirmed on the whole batch
+                mse = last[0] if len(parts) == 1 else _mse_prob(model, x, delta.detach(), clean.softmax(1))
+                if mse < eps: return delta.detach(), dict(steps=step, mse_prob=mse, norm=delta.norm().item(), converged=True)
             if step == max_steps: break
-            loss = (noisy - clean).norm(dim=1).mean() - lam * delta.norm().log()
+            loss = (noisy - ci).norm(dim=1).mean() - lam * delta.norm().log()
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         out, mse = _shrink_to_eps(model, x, delta.detach(), clean.softmax(1), eps)
     return out, dict(steps=max_steps, mse_prob=mse, norm=out.norm().item(), converged=False)

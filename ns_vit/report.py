@@ -11,7 +11,7 @@ from .data import repo_root, atomic_save
 
 # %% auto #0
 __all__ = ['PAPER_ARTIFACTS', 'in_test', 'report_dir', 'git_commit', 'device_info', 'param', 'write_json', 'write_meta',
-           'save_table', 'save_figure', 'write_index', 'notebook_markdown', 'render_readme']
+           'save_table', 'save_figure', 'write_index', 'write_minutes', 'notebook_markdown', 'render_readme']
 
 # %% ../nbs/00a_report.ipynb #aae446aa
 def in_test() -> bool:
@@ -98,6 +98,21 @@ def write_index(root: str | Path | None = None) -> Path:
         lines += [f'- [{f.name}]({rel}/{f.name})' for f in sorted(d.iterdir()) if f.suffix in ('.md', '.png', '.csv')]
         lines.append('')
     return atomic_save('\n'.join(lines), base / 'README.md', lambda o, p: Path(p).write_text(o))
+
+def write_minutes(log: str | Path | None = None, root: str | Path | None = None) -> Path:
+    "`reports/benchmarks/make_reports_minutes.md` from `make reports`' log (lines `notebook lane seconds`, then `total - s`)."
+    base = Path(root) if root is not None else repo_root()
+    rows = [l.split() for l in Path(log or base / 'runs/reports/minutes.txt').read_text().splitlines() if len(l.split()) == 3]
+    if not rows or rows[-1][0] != 'total': raise ValueError(f'{log or "runs/reports/minutes.txt"} has no total line: did make reports finish?')
+    total = int(rows[-1][2])
+    lanes = {}
+    for nb, lane, s in rows[:-1]: lanes[lane] = lanes.get(lane, 0) + int(s)
+    lines = ['# `make reports`: minutes per notebook', '', f'Wall time of the whole command: **{total / 60:.1f} min** '
+             f'(lanes run side by side, one torch thread per notebook; {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; '
+             f"{time.strftime('%Y-%m-%d %H:%M')}, commit `{git_commit()}`).", '', '| notebook | lane | minutes |', '|---|---|---:|']
+    lines += [f'| {nb} | {lane} | {int(s) / 60:.1f} |' for nb, lane, s in rows[:-1]]
+    lines += ['', '| lane | minutes (sum of its notebooks) |', '|---|---:|'] + [f'| {k} | {v / 60:.1f} |' for k, v in lanes.items()]
+    return atomic_save('\n'.join(lines) + '\n', base / 'reports/benchmarks/make_reports_minutes.md', lambda o, p: Path(p).write_text(o))
 
 # %% ../nbs/00a_report.ipynb #628bdb20
 def notebook_markdown(nb: dict) -> str:

@@ -5,6 +5,7 @@
 # %% ../nbs/01b_training.ipynb #aeb0eb69
 from __future__ import annotations
 import hashlib, json, math, os, tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 import torch
@@ -13,7 +14,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 # %% auto #0
-__all__ = ['atomic_save', 'cosine_lr', 'seed_of', 'rank_world', 'claim_run_dir', 'step_indices', 'StepBatchSampler',
+__all__ = ['atomic_save', 'cosine_lr', 'seed_of', 'rank_world', 'claim_run_dir', 'run_lock', 'step_indices', 'StepBatchSampler',
            'step_batches', 'gather']
 
 # %% ../nbs/01b_training.ipynb #0c731a88
@@ -54,6 +55,17 @@ def claim_run_dir(run_dir: str | Path, spec: dict) -> Path:
         raise ValueError(f'{run_dir} holds a run with other parameters (see {f}); pass another `out` or delete the folder')
     if rank_world()[0] == 0: atomic_save(spec, f, lambda o, p: Path(p).write_text(json.dumps(o, indent=2)))
     return run_dir
+
+@contextmanager
+def run_lock(run_dir: str | Path):
+    "Hold an exclusive lock on `run_dir` (a single process): a second process asking for the same run waits, then reuses it."
+    if rank_world()[1] > 1: yield; return  # under torchrun every rank trains the run together
+    try: import fcntl
+    except ImportError: yield; return  # no POSIX locks (Windows): runs are not shared between processes there
+    with open(Path(run_dir) / '.lock', 'a') as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try: yield
+        finally: fcntl.flock(fh, fcntl.LOCK_UN)
 
 # %% ../nbs/01b_training.ipynb #80582392
 def step_indices(n: int, step: int, batch_size: int, seed: int) -> Tensor:
