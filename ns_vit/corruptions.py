@@ -5,7 +5,6 @@
 # %% ../nbs/06b_corruptions.ipynb #ab0e930c
 from __future__ import annotations
 import hashlib, io, json, math, os, time, warnings, zlib
-from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 import numpy as np
@@ -19,6 +18,7 @@ from scipy.ndimage import gaussian_filter, map_coordinates, zoom as scizoom
 import skimage.color, skimage.util
 import ns_vit
 from .data import cache_dir, atomic_save, cifar10
+from .training import file_lock
 from .models import predict
 from .stats import wilson_ci, mean_ci
 
@@ -380,16 +380,6 @@ class CorruptedSet:
 def _write_json(obj: dict, path: Path) -> Path:
     return atomic_save(obj, path, lambda o, p: Path(p).write_text(json.dumps(o, indent=1)))
 
-@contextmanager
-def _locked(folder: Path):
-    "An exclusive lock on `folder` (another process making the same set waits instead of racing)."
-    import fcntl
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / '.lock', 'w') as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try: yield
-        finally: fcntl.flock(f, fcntl.LOCK_UN)
-
 def set_header(x: np.ndarray, labels: np.ndarray, preset: str, seed: int, severities) -> dict:
     "The manifest fields that must match for a cached set to be reused at all."
     return dict(generator='ns_vit.corruptions', generator_version=GENERATOR_VERSION, ns_vit_version=ns_vit.__version__,
@@ -437,7 +427,7 @@ def corrupted_set(images: Tensor, labels: Tensor, corruptions=CORRUPTIONS, sever
     key = sha256(json.dumps({k: head[k] for k in ('preset', 'seed', 'severities', 'source_sha256', 'labels_sha256')}).encode())[:16]
     folder = Path(root) if root is not None else cache_dir() / 'corruptions'
     folder = folder / f"{name or 'set'}-{key}"
-    with _locked(folder):
+    with file_lock(folder):
         man = _read_manifest(folder, head, name)
         lab = folder / 'labels.npy'
         if not lab.exists() or sha256(lab.read_bytes()) != man.get('labels_file_sha256'):

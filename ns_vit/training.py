@@ -14,8 +14,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 # %% auto #0
-__all__ = ['atomic_save', 'cosine_lr', 'seed_of', 'rank_world', 'claim_run_dir', 'run_lock', 'step_indices', 'StepBatchSampler',
-           'step_batches', 'gather']
+__all__ = ['atomic_save', 'cosine_lr', 'seed_of', 'rank_world', 'claim_run_dir', 'file_lock', 'run_lock', 'step_indices',
+           'StepBatchSampler', 'step_batches', 'gather']
 
 # %% ../nbs/01b_training.ipynb #0c731a88
 def atomic_save(obj, path: str | Path, saver=torch.save) -> Path:
@@ -57,15 +57,21 @@ def claim_run_dir(run_dir: str | Path, spec: dict) -> Path:
     return run_dir
 
 @contextmanager
-def run_lock(run_dir: str | Path):
-    "Hold an exclusive lock on `run_dir` (a single process): a second process asking for the same run waits, then reuses it."
-    if rank_world()[1] > 1: yield; return  # under torchrun every rank trains the run together
+def file_lock(folder: str | Path):
+    "An exclusive lock on `folder` (created if missing): another process asking for it waits instead of racing."
     try: import fcntl
-    except ImportError: yield; return  # no POSIX locks (Windows): runs are not shared between processes there
-    with open(Path(run_dir) / '.lock', 'a') as fh:
+    except ImportError: yield; return  # no POSIX locks (Windows): nothing is shared between processes there
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with open(Path(folder) / '.lock', 'a') as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try: yield
         finally: fcntl.flock(fh, fcntl.LOCK_UN)
+
+@contextmanager
+def run_lock(run_dir: str | Path):
+    "`file_lock` on a run folder for a single process: a second process asking for the same run waits, then reuses it."
+    if rank_world()[1] > 1: yield; return  # under torchrun every rank trains the run together
+    with file_lock(run_dir): yield
 
 # %% ../nbs/01b_training.ipynb #80582392
 def step_indices(n: int, step: int, batch_size: int, seed: int) -> Tensor:
