@@ -10,7 +10,7 @@ export PYTHONHASHSEED := 0
 # real CIFAR-10 beside the project (CI and these machines); elsewhere set NS_VIT_DATA yourself or let torchvision download
 export NS_VIT_DATA ?= $(if $(wildcard ../shared/data/cifar10-jpeg.tar.gz),$(abspath ../shared/data),)
 
-.PHONY: install test nbtest pytest export clean check-sync reports lane study bench gpu-check pretrain readme
+.PHONY: install test nbtest pytest export clean check-sync reports lane study bench gpu-check pretrain readme docs docs-check pairs check-pairs
 
 install:  ## create .venv and install ns_vit with pinned dependencies
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -43,7 +43,7 @@ check-sync:  ## fail if nbdev_export or nbdev_clean would change the tree
 # trains the finetuning runs of Tables 2-4, in order; lane B the rest, ending with the study (its seed-0 runs are shared
 # with lane A through their run folders: a run another process is training is waited for, then reused). Minutes per
 # notebook go to runs/reports/minutes.txt and reports/benchmarks/make_reports_minutes.md.
-DATA_NBS ?= 06c_shifts 06b_corruptions
+DATA_NBS ?= 06d_damagenet 06b_corruptions
 LANE_A ?= 05_finetune 09_table2_robustness 07_table3_robustness 08_table4_eps_ablation
 LANE_B ?= 03_nullspace 04a_fig3_approx_nullspace 04b_fig5_closure 06a_attacks 10_blend 10a_explain 10b_fingerprint 11_reproduction
 REPORT_NBS ?= $(DATA_NBS) $(LANE_A) $(LANE_B)
@@ -58,20 +58,27 @@ reports:  ## regenerate every figure and table into reports/ at default paramete
 	wait $$a; wait $$b; echo "total - $$(( $$(date +%s) - s ))" >> runs/reports/minutes.txt
 	$(BIN)/python -c "from ns_vit.report import write_index, write_minutes; print(write_minutes()); print(write_index())"
 
-lane:  # one lane of `make reports`: NBS in order, one torch thread each
+lane:  # one lane of `make reports`: NBS in order, one torch thread each; the executed copy goes to reports/notebooks/
+	mkdir -p reports/notebooks runs/reports
 	set -e; for nb in $(NBS); do echo "== $$nb (lane $(LANE))"; s=$$(date +%s); \
-	  $(PAPERMILL) nbs/$$nb.ipynb runs/reports/$$nb.ipynb --cwd . -p threads 1 > runs/reports/$$nb.log 2>&1 \
+	  $(PAPERMILL) nbs/$$nb.ipynb reports/notebooks/$$nb.ipynb --cwd . -p threads 1 > runs/reports/$$nb.log 2>&1 \
 	  || { tail -30 runs/reports/$$nb.log; exit 1; }; echo "$$nb $(LANE) $$(( $$(date +%s) - s ))" >> runs/reports/minutes.txt; done
 
-SCREEN ?= {"default": {}, "loss noisy": {"loss": "noisy"}, "lr 1e-3": {"lr": 0.001}, "1600 steps": {"steps": 1600}, \
-  "eps 0.1": {"eps": 0.1}, "refresh 10": {"refresh_every": 10}, "refresh per epoch": {"refresh_every": 390}, \
-  "lim 8": {"lim": 8.0}, "noise batch 512": {"noise_batch": 512}, \
-  "10% data, one pass": {"train_fraction": 0.1, "steps": 39, "warmup_steps": 2}}
+# the reproduction study (notebook 11): arms over seeds in the default cell, the two cells an earlier screen ranked best,
+# and the authors' own settings as far as CIFAR-10 allows. `make reports` runs the default cell with fewer seeds into
+# reports/reproduction/make_reports; `make study` runs this design into reports/reproduction (reusing every finished run).
+STUDY_CELLS ?= {"default": {"overrides": {}, "arms": ["none", "gaussian", "ns", "ns-fixed"], "seeds": [0, 1, 2, 3, 4]}, \
+  "refresh 10": {"overrides": {"refresh_every": 10}, "arms": ["none", "gaussian", "ns"], "seeds": [0, 1, 2]}, \
+  "lim 8": {"overrides": {"lim": 8.0}, "arms": ["none", "gaussian", "ns"], "seeds": [0, 1, 2]}, \
+  "authors, eps 0.03": {"overrides": {"lim": 3.0, "noise_lr": 0.1, "noise_batch": 128, "noise_stop_window": 1, "steps": 800, "eps": 0.03}, "arms": ["none", "ns"], "seeds": [0]}, \
+  "authors, eps 0.01": {"overrides": {"lim": 3.0, "noise_lr": 0.1, "noise_batch": 128, "noise_stop_window": 1, "steps": 800, "eps": 0.01}, "arms": ["none", "ns"], "seeds": [0]}}
+# a one-seed screen of further cells (overrides of the default), e.g. SCREEN='{"loss noisy": {"loss": "noisy"}, "eps 0.1": {"eps": 0.1}}'
+SCREEN ?= {}
 
-study:  ## the reproduction study with its full screen (issue 9; hours on 2 CPU cores; reuses every finished run)
+study:  ## the reproduction study (issue 15; hours on 2 CPU cores; reuses every finished run) -> reports/reproduction
 	mkdir -p runs/reports
-	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/11_reproduction.ipynb runs/reports/11_reproduction_screen.ipynb \
-	  --cwd . -p screen '$(SCREEN)'
+	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/11_reproduction.ipynb runs/reports/11_reproduction_study.ipynb \
+	  --cwd . -p cells '$(STUDY_CELLS)' -p screen '$(SCREEN)' -p report reproduction
 
 bench:  ## NS/plain time ratio, evaluation-suite minutes, ImageFolder loader images/s -> reports/benchmarks/
 	mkdir -p runs/reports
@@ -83,10 +90,29 @@ gpu-check:  ## on a GPU machine: main job on cuda, NS vs plain steps of ViT-S/B 
 	  -p device cuda -p semantics_check False -p suite_check True
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/05_finetune.ipynb runs/reports/05_finetune_cuda.ipynb --cwd . -p device cuda \
 	  -p report benchmarks/cuda/finetune -p out runs/gpu-check/ns
-	$(BIN)/torchrun --standalone --nproc_per_node 1 -m ns_vit.finetune --device cuda --steps 40 --out runs/gpu-check/torchrun
+	$(BIN)/torchrun --standalone --nproc_per_node 1 -m ns_vit.experiments --device cuda --steps 40 --out runs/gpu-check/torchrun
 
 pretrain:  ## retrain the embedded default model (data/default_vit.safetensors), about 35-60 min on 2 CPU cores
 	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/02_pretrain.ipynb runs/pretrain/02_pretrain.ipynb --cwd .
 
 readme:
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -c "from ns_vit.report import render_readme; print(render_readme())"
+
+# The site: mkdocs (material theme, mkdocs-jupyter) from the notebooks, the executed copies in reports/notebooks/ and the
+# report folders, built offline into _site/ (pins: constraints.txt). MathJax comes from jupyter-server-mathjax's files
+# (installed --no-deps: only its static copy of MathJax is used, not the Jupyter server it extends).
+docs:  ## the site in _site/ (open _site/index.html, or serve it: python -m http.server -d _site)
+	$(BIN)/pip install -q -c constraints.txt mkdocs mkdocs-material mkdocs-jupyter
+	$(BIN)/pip install -q --no-deps -c constraints.txt jupyter-server-mathjax
+	$(BIN)/python docs/build.py
+
+docs-check:  ## every page of _site/ in headless Chromium (apt-get install -y chromium chromium-driver); Table 2 screenshot
+	$(BIN)/pip install -q -c constraints.txt selenium
+	$(BIN)/python -m pytest -q -p no:cacheprovider tools/test_check_site.py
+	$(BIN)/python tools/check_site.py
+
+pairs:  ## text pairs of the notebooks for reviews and diffs: nbs/<name>.ipynb -> text/<name>.py (jupytext py:percent)
+	$(BIN)/python tools/pairs.py
+
+check-pairs:  ## fail if a text pair in text/ is missing or out of date with its notebook
+	$(BIN)/python tools/pairs.py --check

@@ -18,7 +18,8 @@ from scipy.ndimage import gaussian_filter, map_coordinates, zoom as scizoom
 import skimage.color, skimage.util
 import ns_vit
 from .data import cache_dir, atomic_save, cifar10
-from .training import file_lock
+from .training import file_lock, clean_tmp
+from .cache import content_digest, file_digest, folder_digest, verify_file
 from .models import predict
 from .stats import wilson_ci, mean_ci
 
@@ -372,6 +373,11 @@ class CorruptedSet:
     def get(self, corruption: str, severity: int) -> Tensor:
         "Float images (n, 3, H, W) in [0, 1] of `corruption` at `severity`."
         return to_float(self.uint8(corruption, severity))
+    def digest(self) -> str:
+        "Content hash of what this set serves (every file's sha256, labels, severities, sample): the key of results on it."
+        files = {c: (self.manifest.get('corruptions', {}).get(c, {}).get('sha256') or file_digest(self.folder / f'{c}.npy'))
+                 for c in self.corruptions}  # a generated set's files were verified against these when it was opened
+        return content_digest(files, self.labels, list(self.severities), self.index)
     def __repr__(self) -> str:
         return (f'CorruptedSet({len(self.corruptions)} corruptions × severities {self.severities}, n={len(self)}, '
                 f"preset={self.manifest.get('preset')!r}, folder={self.folder})")
@@ -391,9 +397,7 @@ def _stale_reason(folder: Path, entry: dict | None, params: dict) -> str | None:
     if entry is None: return 'missing'
     if entry.get('params') != params: return 'its parameters differ from the current table'
     f = folder / entry.get('file', '')
-    if not f.is_file(): return f'{f.name} is gone'
-    if sha256(f.read_bytes()) != entry.get('sha256'): return f'{f.name} does not match its sha256 (edited or corrupted)'
-    return None
+    return verify_file(f, entry.get('sha256'))  # None, or what is wrong with the file
 
 def _read_manifest(folder: Path, head: dict, name: str | None) -> dict:
     "The folder's manifest if it was made for the same images, preset, seed and versions; else a fresh one (warned)."
@@ -428,9 +432,10 @@ def corrupted_set(images: Tensor, labels: Tensor, corruptions=CORRUPTIONS, sever
     folder = Path(root) if root is not None else cache_dir() / 'corruptions'
     folder = folder / f"{name or 'set'}-{key}"
     with file_lock(folder):
+        clean_tmp(folder)  # half-written arrays of a killed run (up to 150 MB each)
         man = _read_manifest(folder, head, name)
         lab = folder / 'labels.npy'
-        if not lab.exists() or sha256(lab.read_bytes()) != man.get('labels_file_sha256'):
+        if verify_file(lab, man.get('labels_file_sha256')) is not None:
             man['labels_file_sha256'] = _write_npy(y.astype(np.int64), lab)
         generated = []
         for c in tqdm(corruptions, desc='corruptions', disable=quiet):
@@ -548,17 +553,29 @@ def relative_mce(errors, clean_error: float, baseline: dict = ALEXNET_ERR, basel
     e = _mean_errors(errors, corruptions)
     return float(np.mean([(e[c] - clean_error) / (baseline[c] - baseline_clean) for c in corruptions]))
 
+def _same_images(cells: dict) -> list[str]:
+    "The images every ImageNet-C cell holds (relative paths, sorted as ImageFolder sorts them); an error if cells differ."
+    names = {k: [str(Path(p).relative_to(Path(p).parents[1])) for p, _ in ds.samples] for k, ds in cells.items()}
+    (k0, first), = list(names.items())[:1]
+    for k, v in names.items():
+        if v != first: raise ValueError(f'ImageNet-C cell {k} holds other images than {k0} ({len(v)} vs {len(first)}): '
+                                        'every <corruption>/<severity> folder must hold the same <wnid>/<file> names')
+    return first
+
 @torch.no_grad()
-def imagenet_c_accuracy(model: nn.Module, root: str | Path, corruptions=CORRUPTIONS, severities=(1, 2, 3, 4, 5),
-                        batch_size: int = 100, num_workers: int = 0, quiet: bool = True) -> pd.DataFrame:
-    "Accuracy per (corruption, severity) on ImageNet-C folders under `root`, with Wilson 95% intervals (feed to `mce`)."
-    rows = []
-    for c in corruptions:
-        for s in severities:
-            dl = torch.utils.data.DataLoader(imagenet_c(root, c, s), batch_size=batch_size, num_workers=num_workers)
-            k = n = 0
-            for x, y in tqdm(dl, desc=f'{c} {s}', disable=quiet, leave=False):
-                k += int((predict(model, x, batch_size).argmax(1) == y).sum()); n += len(y)
-            lo, hi = wilson_ci(k, n)
-            rows.append(dict(corruption=c, severity=s, n=n, correct=k, accuracy=k / n, ci_low=lo, ci_high=hi))
-    return pd.DataFrame(rows)
+def imagenet_c_accuracy(model: nn.Module, root: str | Path, n: int | None = None, seed: int = 0, *, corruptions=CORRUPTIONS,
+                        severities=(1, 2, 3, 4, 5), img_size: int = 224, batch_size: int = 100, num_workers: int = 0,
+                        quiet: bool = True) -> tuple[pd.DataFrame, dict]:
+    "Accuracy per ImageNet-C cell under `root` (Wilson 95%) and {cell: bool (n,)} on the same seeded sample of `n` images."
+    cells = {(c, s): imagenet_c(root, c, s, img_size) for c in corruptions for s in severities}
+    names = _same_images(cells)
+    idx = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed))[:n or len(names)].sort().values.tolist()
+    rows, correct = [], {}
+    for (c, s), ds in tqdm(cells.items(), desc='ImageNet-C', disable=quiet):
+        dl = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=batch_size, num_workers=num_workers)
+        ok = torch.cat([predict(model, x, batch_size).argmax(1) == y for x, y in dl])  # (n,)
+        k, m = int(ok.sum()), len(ok)
+        lo, hi = wilson_ci(k, m)
+        rows.append(dict(corruption=c, severity=s, n=m, correct=k, accuracy=k / m, ci_low=lo, ci_high=hi))
+        correct[(c, s)] = ok
+    return pd.DataFrame(rows), correct

@@ -12,10 +12,11 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from PIL import Image
 from .training import atomic_save  # re-exported here: caches and checkpoints import it from data
+from .cache import cached, file_digest, folder_digest, content_digest
 
 # %% auto #0
-__all__ = ['CIFAR10_CLASSES', 'ARCHIVE_NAME', 'repo_root', 'data_dirs', 'cache_dir', 'UInt8Images', 'cifar10', 'pixel_transform',
-           'image_folder', 'augment', 'load_images']
+__all__ = ['CIFAR10_CLASSES', 'ARCHIVE_NAME', 'CIFAR10_DECODER_VERSION', 'repo_root', 'data_dirs', 'cache_dir', 'UInt8Images',
+           'cifar10', 'pixel_transform', 'image_folder', 'augment', 'load_images']
 
 # %% ../nbs/00_data.ipynb #9e4fa867
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
@@ -113,7 +114,15 @@ def _download_cifar10(split: str) -> tuple[str, Path]:
             'or set NS_VIT_DATA to the folder that holds it.') from None
     return 'batches', dest / 'cifar-10-batches-py'
 
-# %% ../nbs/00_data.ipynb #0f04128f
+# %% ../nbs/00_data.ipynb #f37c28e1
+CIFAR10_DECODER_VERSION = 1  # bump when decoding changes: decoded caches made by another version are stale
+
+def _source_digest(kind: str, path: Path) -> str:
+    "Content key of a CIFAR-10 source: the archive's sha256, the batch files' sha256s, or an image folder's fingerprint."
+    if kind == 'archive': return file_digest(path)[:20]
+    if kind == 'batches': return content_digest(*[(f.name, file_digest(f)) for f in sorted(path.glob('*_batch*'))])
+    return folder_digest(path)
+
 def cifar10(split: str = 'train', root: str | Path | None = None, download: bool = True) -> UInt8Images:
     "CIFAR-10 `split` ('train' | 'test') as a dataset of (float [0,1] (3,32,32), label); cached as uint8."
     if split not in ('train', 'test'): raise ValueError(f"split must be 'train' or 'test', not {split!r}")
@@ -123,15 +132,12 @@ def cifar10(split: str = 'train', root: str | Path | None = None, download: bool
                                                  'set NS_VIT_DATA to the folder that holds it.')
         found = _download_cifar10(split)
     kind, path = found
-    st = path.stat()
-    cache = cache_dir() / f'cifar10-{split}-{kind}-{st.st_size}-{int(st.st_mtime)}.pt'
-    if cache.exists():
-        d = torch.load(cache, weights_only=True)
-        return UInt8Images(d['images'], d['labels'])
-    images, labels = {'archive': lambda: _from_archive(path, split), 'folder': lambda: _from_folder(path),
-                      'batches': lambda: _from_batches(path, split)}[kind]()
-    atomic_save({'images': images, 'labels': labels}, cache)
-    return UInt8Images(images, labels)
+    source = _source_digest(kind, path)
+    decode = {'archive': lambda: _from_archive(path, split), 'folder': lambda: _from_folder(path),
+              'batches': lambda: _from_batches(path, split)}[kind]
+    d, _ = cached(cache_dir() / f'cifar10-{split}-{kind}-{source}.pt', lambda: dict(zip(('images', 'labels'), decode())),
+                  meta=dict(split=split, kind=kind, source=source, decoder_version=CIFAR10_DECODER_VERSION))
+    return UInt8Images(d['images'], d['labels'])
 
 # %% ../nbs/00_data.ipynb #4d8ced7d
 def pixel_transform(img_size: int = 224, crop_pct: float = 0.875, interpolation: str = 'bicubic'):

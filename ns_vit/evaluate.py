@@ -4,7 +4,8 @@
 
 # %% ../nbs/06_evaluate.ipynb #2ca85c14
 from __future__ import annotations
-import argparse, hashlib, json, math, time
+import argparse, json, math, time
+import ns_vit.attacks
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -13,18 +14,21 @@ import torch
 from torch import nn, Tensor
 from tqdm.auto import tqdm
 from .data import cifar10, cache_dir, image_folder
+from .cache import cached, content_digest, file_digest, folder_digest
 from .models import predict, model_device, get_model, as_vit, weights_digest
 from .training import atomic_save
 from .stats import accuracy_ci, mcnemar, mean_ci, fmt_ci
 from .attacks import make_attack, adversarial_accuracy, run_attack, ATTACK_PRESETS
-from .corruptions import CORRUPTIONS, ALEXNET_ERR, cifar10_c, load_cifar10c, corruption_accuracy, mce, imagenet_c
-from .shifts import SHIFTS, damagenet_cifar10, shift_accuracy
+from .corruptions import CORRUPTIONS, ALEXNET_ERR, cifar10_c, load_cifar10c, corruption_accuracy, mce, imagenet_c_accuracy
+from .shifts import SHIFTS, shift_accuracy
+from .damagenet import damagenet_cifar10
 
 # %% auto #0
-__all__ = ['CIFAR10_SHIFTS', 'ROBUSTNESS', 'Metric', 'suite_metrics', 'model_digest', 'PerImage', 'evaluate', 'paired_tests',
-           'results_table', 'values_table', 'evaluate_models', 'main']
+__all__ = ['SUITES', 'EVAL_VERSION', 'CIFAR10_SHIFTS', 'ROBUSTNESS', 'Metric', 'suite_metrics', 'model_digest', 'PerImage',
+           'data_keys', 'check_request', 'evaluate', 'paired_tests', 'results_table', 'values_table', 'evaluate_models',
+           'output_paths', 'main']
 
-# %% ../nbs/06_evaluate.ipynb #8dd69a02
+# %% ../nbs/06_evaluate.ipynb #04e642ec
 @dataclass
 class Metric:
     "One column of the suite: `kind` ('clean', 'attack', 'transfer', 'corruptions', 'shift'), settings and sample size."
@@ -32,85 +36,110 @@ class Metric:
     n: int | None = None  # images scored (None: all the data has)
     settings: dict = field(default_factory=dict)
     label: str = ''  # column label; attacks name themselves with their budget
+    needs: str | None = None  # the `data` key of a folder the user must supply (None: data ns_vit has or makes)
 
 def _attack(name: str, preset: str, n: int, **over) -> Metric:
     "An attack metric from `ATTACK_PRESETS[preset][name]`, with overrides."
-    return Metric('attack', n, {**ATTACK_PRESETS[preset][name], **over})
+    return Metric('attack', n, {**ATTACK_PRESETS[preset][name], **over}, needs='val' if preset == 'imagenet' else None)
+
+SUITES = ('cifar10', 'imagenet', 'quick')
+
+def _cifar_suite() -> dict[str, Metric]:
+    "The CIFAR-10 metrics, in table order."
+    return {'clean': Metric('clean', 10000, label='clean'),
+            'patch_fool': _attack('patch_fool', 'cifar10', 200), 'cw': _attack('cw', 'cifar10', 200),
+            'fgsm': _attack('fgsm', 'cifar10', 1000), 'fgsm_small': _attack('fgsm_small', 'cifar10', 1000),
+            'pgd': _attack('pgd', 'cifar10', 1000), 'pgd_small': _attack('pgd_small', 'cifar10', 1000),
+            'damagenet': Metric('transfer', None, label='DamageNet-style transfer'),
+            'cifar10_c': Metric('corruptions', None, label='CIFAR-10-C mean acc')}
+
+def _imagenet_suite() -> dict[str, Metric]:
+    "The ImageNet metrics (each reads a folder the user supplies), in the paper's Table 2 order."
+    shift = lambda name, key, label: Metric('shift', None, {'shift': key}, label, needs=name)  # data[name]: its folder
+    return {'clean': Metric('clean', None, label='clean', needs='val'), 'patch_fool': _attack('patch_fool', 'imagenet', 1000),
+            'cw': _attack('cw', 'imagenet', 1000), 'fgsm': _attack('fgsm', 'imagenet', 5000),
+            'damagenet': shift('damagenet', 'damagenet_imagenet', 'DamageNet'),
+            **{k: shift(k, f'imagenet_{k}', f'ImageNet-{k.upper()}') for k in ('a', 'r', 'v2')},
+            'imagenet_c': Metric('corruptions', None, {'preset': 'imagenet'}, 'ImageNet-C mean acc', 'imagenet_c'),
+            'sketch': shift('sketch', 'imagenet_sketch', 'ImageNet-Sketch'),
+            'stylized': shift('stylized', 'stylized_imagenet', 'Stylized-ImageNet')}
 
 def suite_metrics(suite: str | list[str] = 'cifar10') -> dict[str, Metric]:
-    "The metrics of a named suite ('cifar10', 'imagenet', 'quick') or a list of metric names of the CIFAR suite."
-    cifar = {'clean': Metric('clean', 10000, label='clean'),
-             'patch_fool': _attack('patch_fool', 'cifar10', 200), 'cw': _attack('cw', 'cifar10', 200),
-             'fgsm': _attack('fgsm', 'cifar10', 1000), 'fgsm_small': _attack('fgsm_small', 'cifar10', 1000),
-             'pgd': _attack('pgd', 'cifar10', 1000), 'pgd_small': _attack('pgd_small', 'cifar10', 1000),
-             'damagenet': Metric('transfer', None, label='DamageNet-style transfer'),
-             'cifar10_c': Metric('corruptions', None, label='CIFAR-10-C mean acc')}
+    "The metrics of a named suite ('cifar10', 'imagenet', 'quick'), or of one or a list of the CIFAR suite's metric names."
+    cifar = _cifar_suite()
+    if isinstance(suite, str) and suite in cifar: suite = [suite]  # one metric, e.g. --suite clean
     if isinstance(suite, (list, tuple)):
         bad = [m for m in suite if m not in cifar]
         if bad: raise ValueError(f'unknown metrics {bad}; the CIFAR-10 suite has {list(cifar)}')
         return {m: cifar[m] for m in suite}
     if suite == 'cifar10': return cifar
     if suite == 'quick': return {k: cifar[k] for k in ('clean', 'fgsm_small', 'pgd_small')}
-    if suite == 'imagenet':
-        return {'clean': Metric('clean', None, label='clean'), 'patch_fool': _attack('patch_fool', 'imagenet', 1000),
-                'cw': _attack('cw', 'imagenet', 1000), 'fgsm': _attack('fgsm', 'imagenet', 5000),
-                'damagenet': Metric('shift', None, {'shift': 'damagenet_imagenet'}, 'DamageNet'),
-                **{k: Metric('shift', None, {'shift': f'imagenet_{k}'}, f'ImageNet-{k.upper()}') for k in ('a', 'r', 'v2')},
-                'imagenet_c': Metric('corruptions', None, {'preset': 'imagenet'}, 'ImageNet-C mCE'),
-                'sketch': Metric('shift', None, {'shift': 'imagenet_sketch'}, 'ImageNet-Sketch'),
-                'stylized': Metric('shift', None, {'shift': 'stylized_imagenet'}, 'Stylized-ImageNet')}
-    raise ValueError(f"unknown suite {suite!r}: choose 'cifar10', 'imagenet', 'quick' or a list of metric names")
+    if suite == 'imagenet': return _imagenet_suite()
+    raise ValueError(f'unknown suite {suite!r}: choose one of {SUITES}, or metric names of the CIFAR-10 suite {list(cifar)}')
 
-# %% ../nbs/06_evaluate.ipynb #d675b7f5
+# %% ../nbs/06_evaluate.ipynb #9bc2bd2e
+EVAL_VERSION = 2  # bump when scoring changes: results cached by another version are never served
+
 def model_digest(model: nn.Module) -> str:
-    "A 16-character hash of a model's weights and buffers (its normalisation included): the evaluation cache's key."
-    return weights_digest(model, 16)
+    "A 32-character hash of a model's weights and buffers (its normalisation included): part of the evaluation cache's key."
+    return weights_digest(model, 32)
 
-def _key(*parts) -> str: return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+def _eval_cached(meta: dict, compute) -> tuple[dict, bool]:
+    "(result, served from cache) of one metric, memoised under `cache_dir()/eval/<content digest of meta>.pt`."
+    return cached(cache_dir() / 'eval' / f'{content_digest(meta)}.pt', compute, meta=meta)
 
-def _cached(key: str | None, fn) -> dict:
-    "fn() → dict with a bool tensor `correct`; memoised on disk under `cache_dir()/eval/<key>.pt`."
-    path = cache_dir() / 'eval' / f'{key}.pt' if key else None
-    if path is not None and path.exists():
-        try: return torch.load(path, weights_only=True) | {'cached': True}
-        except Exception: pass  # unreadable cache entry: recompute it
-    out = fn()
-    if path is not None: atomic_save({k: v for k, v in out.items() if k != 'cached'}, path)
-    return out | {'cached': False}
-
-# %% ../nbs/06_evaluate.ipynb #23dc2fdd
+# %% ../nbs/06_evaluate.ipynb #e40d86b4
 def _test_sample(n: int | None, seed: int) -> tuple[Tensor, Tensor]:
     "The first `n` images of a seeded permutation of CIFAR-10 test: smaller samples are subsets of larger ones."
     ds = cifar10('test')
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n or len(ds)]
     return ds.tensors(idx)
 
-def _score(model, name: str, m: Metric, n: int | None, data: dict, seed: int, batch_size: int, quiet: bool) -> dict:
-    "Per-image correctness and extras of one metric (uncached)."
-    size, workers = _img_size(model), data.get('workers', 4)
+def _inputs(name: str, m: Metric, n: int | None, data: dict, seed: int, quiet: bool) -> tuple[str, object]:
+    "(content digest, loaded inputs or None) of one metric's data: the digest is part of the evaluation cache's key."
+    if m.kind in ('clean', 'attack'):
+        if 'val' in data: return folder_digest(data['val']), None
+        x, y = _test_sample(n, seed)
+        return content_digest(x, y), (x, y)
+    if m.kind == 'transfer':
+        x, y = damagenet_cifar10(n, seed, quiet=quiet) if n else damagenet_cifar10(seed=seed, quiet=quiet)
+        return content_digest(x, y), (x, y)
+    if m.kind == 'corruptions' and not m.needs:
+        cs = load_cifar10c(data['cifar10_c'], n=n, seed=seed) if 'cifar10_c' in data else \
+            (cifar10_c(n, seed, quiet=quiet) if n else cifar10_c(seed=seed, quiet=quiet))
+        return cs.digest(), cs
+    return folder_digest(data[m.needs]), None
+
+def _per_cell(table: pd.DataFrame, per: dict, **extra) -> dict:
+    "A corruption result: per-image share of cells survived (n,), per-cell correctness (cells, n), the cell table."
+    cells = torch.stack([per[k] for k in per])  # (cells, n) bool
+    return dict(correct=cells.float().mean(0), cells_correct=cells, cell_keys=[f'{c}/{s}' for c, s in per],
+                cells=table.to_dict('list'), **extra)
+
+def _score(model, name: str, m: Metric, n: int | None, data: dict, seed: int, batch_size: int, quiet: bool, inputs) -> dict:
+    "Per-image correctness and extras of one metric (uncached), on `inputs` from `_inputs`."
+    size, workers = _img_size(model), int(data.get('workers', 4))
     if m.kind == 'clean':
         if 'val' in data:  # an ImageFolder validation set, decoded by DataLoader workers
             return shift_accuracy(model, _folder_set(data['val'], n, seed, size), batch_size, workers, quiet)
-        x, y = _test_sample(n, seed)
+        x, y = inputs
         return dict(correct=predict(model, x, batch_size).argmax(1) == y)
     if m.kind == 'attack':
-        x, y = _folder_images(data['val'], n, seed, size, workers) if 'val' in data else _test_sample(n, seed)
+        x, y = _folder_images(data['val'], n, seed, size, workers) if 'val' in data else inputs
         s = dict(m.settings); attack = s.pop('name')
         r = run_attack(model, x[:n], y[:n], attack, batch_size=min(batch_size, 250), seed=seed, quiet=quiet, **s)
         return {k: v for k, v in r.items() if k not in ('adv_accuracy', 'n')}
     if m.kind == 'transfer':
-        x, y = damagenet_cifar10(n, seed, quiet=quiet) if n else damagenet_cifar10(seed=seed, quiet=quiet)
+        x, y = inputs
         return dict(correct=predict(model, x, batch_size).argmax(1) == y)
-    if m.kind == 'corruptions':
-        if m.settings.get('preset') == 'imagenet': return _imagenet_c(model, data, batch_size, quiet)
-        cs = load_cifar10c(data['cifar10_c'], n=n, seed=seed) if 'cifar10_c' in data else \
-            (cifar10_c(n, seed, quiet=quiet) if n else cifar10_c(seed=seed, quiet=quiet))
-        table, per = corruption_accuracy(model, cs, batch_size, per_image=True, quiet=quiet)
-        correct = torch.stack([per[k] for k in cs.keys()]).float().mean(0)  # (n,) share of the 75 cells each image survives
-        return dict(correct=correct, cells=table.to_dict('list'), n_cells=len(per))
+    if m.kind == 'corruptions' and m.needs:  # ImageNet-C: mCE against AlexNet's errors beside the mean accuracy
+        table, per = imagenet_c_accuracy(model, data[m.needs], n, seed, img_size=size, batch_size=batch_size,
+                                         num_workers=workers, quiet=quiet)
+        return _per_cell(table, per, mce=mce(table))
+    if m.kind == 'corruptions': return _per_cell(*corruption_accuracy(model, inputs, batch_size, per_image=True, quiet=quiet))
     if m.kind == 'shift':
         info = SHIFTS[m.settings['shift']]
-        shift = info.loader(data[name], img_size=size) if info.scale == 'imagenet' else info.loader(data[name])
+        shift = info.loader(data[m.needs], img_size=size) if info.scale == 'imagenet' else info.loader(data[m.needs])
         return shift_accuracy(model, shift, batch_size, workers, quiet)
     raise ValueError(f'unknown metric kind {m.kind!r}')
 
@@ -131,18 +160,7 @@ def _folder_images(root, n: int | None, seed: int, img_size: int, workers: int) 
     xs, ys = zip(*torch.utils.data.DataLoader(ds, batch_size=256, num_workers=workers))
     return torch.cat(xs), torch.cat(ys)
 
-def _imagenet_c(model, data: dict, batch_size: int, quiet: bool) -> dict:
-    "Top-1 on every ImageNet-C cell and the mCE with AlexNet's normalisers."
-    rows, per_image = [], []
-    for c in CORRUPTIONS:
-        for s in range(1, 6):
-            cell = imagenet_c(data['imagenet_c'], c, s, img_size=_img_size(model))
-            r = shift_accuracy(model, cell, batch_size, data.get('workers', 4), quiet)
-            rows.append(dict(corruption=c, severity=s, accuracy=r['accuracy'], n=r['n'])); per_image.append(r['correct'])
-    t = pd.DataFrame(rows)
-    return dict(correct=torch.cat(per_image), cells=t.to_dict('list'), mce=mce(t))
-
-# %% ../nbs/06_evaluate.ipynb #3b0415f9
+# %% ../nbs/06_evaluate.ipynb #0527f831
 CIFAR10_SHIFTS = ('cifar10_1', 'cifar10_2', 'cinic10', 'stl10')
 
 class PerImage(dict):
@@ -150,39 +168,62 @@ class PerImage(dict):
     def __eq__(self, other) -> bool: return self is other
     __hash__ = object.__hash__
 
-def _needs_data(name: str, m: Metric, data: dict) -> bool:
-    "True when the metric reads a folder the user must supply."
-    return m.kind == 'shift' or (m.kind == 'corruptions' and m.settings.get('preset') == 'imagenet') or \
-        (m.kind == 'clean' and m.n is None)
+def data_keys(suite: str | list[str]) -> list[str]:
+    "The `data` keys `evaluate` accepts with `suite`: the folders its metrics read, 'val', 'workers' and optional sets."
+    needs = [m.needs for m in suite_metrics(suite).values() if m.needs]
+    extra = [] if suite == 'imagenet' else ['cifar10_c', *CIFAR10_SHIFTS]
+    return list(dict.fromkeys(['val', *needs, *extra, 'workers']))
+
+def check_request(suite: str | list[str], n: int | dict | None = None, data: dict | None = None) -> dict:
+    "Validate a request before any work (suite and metric names, n ≥ 1, data keys and folders); return `data` as a dict."
+    metrics, data, valid = suite_metrics(suite), dict(data or {}), data_keys(suite)
+    bad = [k for k in data if k not in valid]
+    if bad: raise ValueError(f'unknown data keys {bad}; with suite {suite!r} the valid keys are {valid}')
+    for k, v in data.items():
+        if k == 'workers':
+            if not str(v).isdigit(): raise ValueError(f'data workers must be an integer >= 0, got {v!r}')
+        elif not Path(v).expanduser().exists(): raise ValueError(f'data {k}={v}: {v} does not exist; pass the folder that holds it')
+    sizes = n if isinstance(n, dict) else {'n': n}
+    bad = [k for k in sizes if isinstance(n, dict) and k not in metrics]
+    if bad: raise ValueError(f'n has unknown metrics {bad}; the suite has {list(metrics)}')
+    for k, v in sizes.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
+            raise ValueError(f'{k} must be an integer >= 1 (or None for all images), got {v!r}')
+    return data
 
 def evaluate(model: nn.Module, suite: str | list[str] = 'cifar10', n: int | dict | None = None, data: dict | None = None,
              seed: int = 0, batch_size: int = 500, cache: bool = True, quiet: bool = False) -> pd.DataFrame:
     "Score `model` on a robustness suite: one row per metric with value, n, 95% CI and settings."
-    metrics, data = suite_metrics(suite), dict(data or {})
+    metrics, data = suite_metrics(suite), check_request(suite, n, data)
     for s in CIFAR10_SHIFTS:  # shifted CIFAR-10 test sets join the CIFAR suite when the user has them
-        if s in data and suite != 'imagenet': metrics[s] = Metric('shift', None, {'shift': s}, SHIFTS[s].loader.__name__)
-    digest, rows, correct = model_digest(model), [], PerImage()
+        if s in data: metrics[s] = Metric('shift', None, {'shift': s}, SHIFTS[s].loader.__name__, needs=s)
+    digest, rows, correct, cells = model_digest(model), [], PerImage(), PerImage()
     model.eval()
     for name, m in (bar := tqdm(metrics.items(), desc='evaluate', disable=quiet)):
         bar.set_postfix_str(name)
         k = n.get(name, m.n) if isinstance(n, dict) else (min(n, m.n) if n and m.n else n or m.n)
-        if _needs_data(name, m, data) and name not in data and not (name == 'clean' and 'val' in data):
+        if m.needs and m.needs not in data:
             rows.append(dict(metric=name, label=m.label or name, value=float('nan'), n=0, ci_low=float('nan'),
-                             ci_high=float('nan'), settings=json.dumps(m.settings), note=f'no data: pass data={{{name!r}: <folder>}}'))
+                             ci_high=float('nan'), settings=json.dumps(m.settings), note=f'no data: pass data={{{m.needs!r}: <folder>}}'))
             continue
         t0 = time.time()
-        key = _key(digest, name, m.kind, m.settings, k, seed, {q: str(v) for q, v in data.items()}) if cache else None
-        r = _cached(key, lambda: _score(model, name, m, k, data, seed, batch_size, quiet))
+        data_digest, inputs = _inputs(name, m, k, data, seed, quiet)
+        meta = dict(version=EVAL_VERSION, model=digest, metric=name, kind=m.kind, settings=m.settings, n=k, seed=seed,
+                    data=data_digest, code=file_digest(ns_vit.attacks.__file__)[:16] if m.kind == 'attack' else '')
+        score = lambda: _score(model, name, m, k, data, seed, batch_size, quiet, inputs)
+        r, hit = _eval_cached(meta, score) if cache else (score(), False)
         c = r['correct']
         ci = accuracy_ci(c) if c.dtype == torch.bool else mean_ci(c.float().numpy())
         ci['ci_low'], ci['ci_high'] = max(0.0, ci['ci_low']), min(1.0, ci['ci_high'])  # a t-interval can leave [0, 1]
-        extras = {q: v for q, v in r.items() if q not in ('correct', 'cells', 'label', 'settings', 'cached', 'n', 'accuracy', 'adv_accuracy', 'value')}
+        extras = {q: v for q, v in r.items() if isinstance(v, (int, float, str)) and
+                  q not in ('label', 'settings', 'n', 'accuracy', 'adv_accuracy', 'value')}
         rows.append(dict(metric=name, label=r.get('label') or m.label or name, value=ci['value'], n=ci['n'],
                          ci_low=ci['ci_low'], ci_high=ci['ci_high'], settings=json.dumps(r.get('settings', m.settings), default=str),
-                         seconds=round(time.time() - t0, 1), cached=r['cached'], **extras))
+                         seconds=round(time.time() - t0, 1), cached=hit, **extras))
         correct[name] = c
+        if 'cells_correct' in r: cells[name] = r['cells_correct']  # (cells, n) bool: paired tests per cell
     df = pd.DataFrame(rows)
-    df.attrs['correct'] = correct
+    df.attrs['correct'], df.attrs['cells_correct'] = correct, cells
     return df
 
 # %% ../nbs/06_evaluate.ipynb #31128555
@@ -204,7 +245,7 @@ def paired_tests(results: dict[str, pd.DataFrame], reference: str) -> pd.DataFra
                              ci_high=t['ci_high'], p_value=t['p_value'], n=t['n'], significant=t['p_value'] < 0.05))
     return pd.DataFrame(rows)
 
-ROBUSTNESS = ('patch_fool', 'cw', 'fgsm', 'damagenet', 'cifar10_c', 'a', 'v2', 'r', 'sketch', 'stylized') + CIFAR10_SHIFTS
+ROBUSTNESS = ('patch_fool', 'cw', 'fgsm', 'damagenet', 'cifar10_c', 'imagenet_c', 'a', 'v2', 'r', 'sketch', 'stylized') + CIFAR10_SHIFTS
 
 def results_table(results: dict[str, pd.DataFrame], digits: int = 1) -> pd.DataFrame:
     "Table 2 layout: model rows, metric columns 'value [low, high]' (percent), and the average robustness column."
@@ -215,12 +256,12 @@ def results_table(results: dict[str, pd.DataFrame], digits: int = 1) -> pd.DataF
         for _, r in df.iterrows():
             row[r.label] = fmt_ci(r.value, r.ci_low, r.ci_high, digits=digits)
             if 'median_l2' in r and pd.notna(r.median_l2): row[r.label] += f' (median L2 {r.median_l2:.3f})'
+            if 'mce' in r and pd.notna(r.mce): row[r.label] += f' (mCE {100 * r.mce:.1f})'
         rob = df[df.metric.isin(ROBUSTNESS)]
         row['average (robustness)'] = round(100 * rob.value.mean(), digits) if len(rob) else float('nan')
         rows.append(row)
     return pd.DataFrame(rows)
 
-#| export
 def values_table(results: dict[str, pd.DataFrame]) -> pd.DataFrame:
     "Model rows, metric-label columns, numeric accuracies (for plots and further analysis)."
     return pd.DataFrame([{'model': k, **{r.label: r.value for _, r in df[df.n > 0].iterrows()}} for k, df in results.items()])
@@ -233,29 +274,45 @@ def evaluate_models(models: dict[str, nn.Module], suite: str | list[str] = 'cifa
     ref = reference or next(iter(models))
     return results_table(results), results, paired_tests(results, ref)
 
-# %% ../nbs/06_evaluate.ipynb #eecd5fe4
+# %% ../nbs/06_evaluate.ipynb #5109a29c
+def _positive_int(s: str) -> int:
+    "argparse type: an integer >= 1."
+    try: v = int(s)
+    except ValueError: raise argparse.ArgumentTypeError(f'{s!r} is not an integer') from None
+    if v < 1: raise argparse.ArgumentTypeError(f'must be >= 1, got {v}')
+    return v
+
 def _eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='ns-vit-evaluate', description='Score a ViT on the ns_vit robustness suite.')
-    p.add_argument('--model', default='default', help="'default' (embedded CIFAR-10 ViT) or a timm ViT name")
+    p.add_argument('--model', default='default', help="'default' (embedded CIFAR-10 ViT or an ns_vit checkpoint) or a timm ViT name")
     p.add_argument('--checkpoint', default='', help="weights: '' (default model's), a local file, or 'hub'")
-    p.add_argument('--suite', default='cifar10', help="'cifar10', 'imagenet', 'quick' or comma-separated metric names")
-    p.add_argument('--n', type=int, default=None, help='cap on every metric\'s sample size')
+    p.add_argument('--suite', default='cifar10', help=f"one of {SUITES}, or comma-separated metric names of {list(_cifar_suite())}")
+    p.add_argument('--n', type=_positive_int, default=None, help="cap on every metric's sample size (>= 1)")
     p.add_argument('--data', nargs='*', default=[], help='name=folder pairs for sets that must be supplied')
-    p.add_argument('--seed', type=int, default=0); p.add_argument('--out', default='evaluation')
+    p.add_argument('--workers', type=int, default=4, help='DataLoader workers decoding image folders')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--out', default='evaluation', help='output name: writes <out>.csv and <out>.md (dots kept)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     return p
 
+def output_paths(out: str | Path) -> tuple[Path, Path]:
+    "`<out>.csv` and `<out>.md`, keeping every dot of the name (`ns-eps0.03` → `ns-eps0.03.csv`)."
+    out = Path(out)
+    if out.suffix in ('.csv', '.md'): out = out.with_suffix('')
+    return out.with_name(out.name + '.csv'), out.with_name(out.name + '.md')
+
 def main(argv: list[str] | None = None) -> None:
     "Console entry point `ns-vit-evaluate`: evaluate one model, write `<out>.csv` and `<out>.md`."
-    a = _eval_parser().parse_args(argv)
+    p = _eval_parser(); a = p.parse_args(argv)
     bad = [d for d in a.data if '=' not in d]
-    if bad: raise ValueError(f'--data takes name=folder pairs, got {bad}')
-    data = dict(d.split('=', 1) for d in a.data)
-    suite = a.suite.split(',') if ',' in a.suite else a.suite
+    if bad: p.error(f'--data takes name=folder pairs, got {bad}')
+    data, suite = dict(d.split('=', 1) for d in a.data), a.suite.split(',') if ',' in a.suite else a.suite
+    try: data = check_request(suite, a.n, data) | {'workers': a.workers}
+    except ValueError as e: p.error(str(e))  # exit 2 with the message, before any work
     model = get_model(a.model, a.checkpoint, a.device)
     df = evaluate(model, suite, a.n, data, a.seed)
-    out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(df, out.with_suffix('.csv'), lambda o, p: o.to_csv(p, index=False))
+    csv, md_path = output_paths(a.out)
+    atomic_save(df, csv, lambda o, p: o.to_csv(p, index=False))
     md = results_table({a.checkpoint or a.model: df}).to_markdown(index=False)
-    atomic_save(md, out.with_suffix('.md'), lambda o, p: Path(p).write_text(o + '\n'))
+    atomic_save(md, md_path, lambda o, p: Path(p).write_text(o + '\n'))
     print(md)

@@ -16,8 +16,8 @@ from .stats import bootstrap_ci
 
 # %% auto #0
 __all__ = ['DEFAULT_FRACTION', 'Fingerprint', 'fingerprint', 'principal_angles', 'chance_distance', 'compare',
-           'random_fingerprint', 'permute_residual', 'renormalised', 'prune_patch_embed', 'quantize_patch_embed',
-           'fingerprint_noise', 'blackbox_check']
+           'random_fingerprint', 'calibrate_threshold', 'permute_residual', 'renormalised', 'prune_patch_embed',
+           'quantize_patch_embed', 'fingerprint_noise', 'blackbox_check']
 
 # %% ../nbs/10b_fingerprint.ipynb #2df95efe
 @dataclass(frozen=True, eq=False)
@@ -66,7 +66,7 @@ def fingerprint(model: nn.Module,
     return Fingerprint(Qn, Qp, (ph, pw), C, D, tuple(std), rtol)
 
 # %% ../nbs/10b_fingerprint.ipynb #b199c592
-DEFAULT_FRACTION = 0.5  # default threshold = this × chance distance; chosen from measured negatives (reports/fingerprint)
+DEFAULT_FRACTION = 0.5  # default threshold = this × chance distance (compare it with the calibrated one in reports/fingerprint)
 
 def principal_angles(A: Tensor, B: Tensor) -> Tensor:
     "Principal angles (radians, ascending) between the row spaces of orthonormal A (kₐ, N) and B (k_b, N)."
@@ -108,6 +108,15 @@ def random_fingerprint(like: Fingerprint, generator: torch.Generator | None = No
     s = torch.tensor(like.std, dtype=torch.float64).repeat_interleave(like.patch[0] * like.patch[1])  # (N,)
     return Fingerprint(Qn, torch.linalg.qr((Qn * s).T).Q.T, like.patch, like.in_chans, like.embed_dim, like.std, like.rtol,
                        like.rank)
+
+def calibrate_threshold(negatives: list[float],  # distances of calibration negatives to the owner (relative to chance)
+                        margin: float = 0.5,  # the threshold is this fraction of the closest calibration negative
+                        ) -> float:
+    "A match threshold chosen on calibration negatives only: `margin` × the distance of the closest one."
+    neg = np.asarray(negatives, dtype=float)
+    if neg.size == 0: raise ValueError('calibrate_threshold needs at least one calibration negative')
+    if not 0 < margin <= 1: raise ValueError(f'margin must be in (0, 1], got {margin}')
+    return margin * float(neg.min())
 
 # %% ../nbs/10b_fingerprint.ipynb #58ac74ac
 def _permute_(t: Tensor, p: Tensor, dim: int) -> None:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_models.ipynb #49964304
 from __future__ import annotations
-import json
+import hashlib, json
 from contextlib import contextmanager
 from pathlib import Path
 import torch
@@ -17,9 +17,9 @@ from .data import atomic_save, repo_root
 
 # %% auto #0
 __all__ = ['DEFAULT_ARCH', 'DEFAULT_ARCH_KWARGS', 'CIFAR10_MEAN', 'CIFAR10_STD', 'DEFAULT_CHECKPOINT', 'PixelViT',
-           'math_attention', 'check_vit', 'as_vit', 'read_state_dict', 'split_normalizer', 'create_vit', 'model_card',
-           'save_checkpoint', 'load_checkpoint', 'default_vit', 'load_default_model', 'model_device', 'weights_digest',
-           'predict', 'accuracy', 'get_model']
+           'math_attention', 'check_vit', 'as_vit', 'read_state_dict', 'split_normalizer', 'load_vit_weights',
+           'create_vit', 'model_card', 'weights_digest', 'save_checkpoint', 'load_checkpoint', 'default_vit',
+           'load_default_model', 'model_device', 'predict', 'accuracy', 'get_model']
 
 # %% ../nbs/01_models.ipynb #40cc385a
 class PixelViT(nn.Module):
@@ -91,7 +91,7 @@ def split_normalizer(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], tuple | 
     mean, std = sd['0.mean'].flatten().tolist(), sd['0.std'].flatten().tolist()
     return {k[2:]: v for k, v in sd.items() if k.startswith('1.')}, tuple(mean), tuple(std)
 
-# %% ../nbs/01_models.ipynb #8ce52e29
+# %% ../nbs/01_models.ipynb #b209fc0e
 def _timm_vit(name: str, pretrained: bool, **kw) -> nn.Module:
     "timm.create_model with a clear message when hub weights cannot be had."
     try: return timm.create_model(name, pretrained=pretrained, **kw)
@@ -103,6 +103,26 @@ def _timm_vit(name: str, pretrained: bool, **kw) -> nn.Module:
         raise RuntimeError(f'could not fetch pretrained weights for {name!r} ({type(e).__name__}: {e}). Offline? '
                            'Pass pretrained=<path to a local .safetensors/.pth checkpoint> instead.') from None
 
+def _arch_summary(sd: dict[str, Tensor]) -> str:
+    "The shape of the ViT a state dict describes: patch size, width, depth, classes."
+    pe, head = sd.get('patch_embed.proj.weight'), sd.get('head.weight')  # (D, C, P, P), (K, D)
+    depth = len({k.split('.')[1] for k in sd if k.startswith('blocks.')})
+    parts = ([f'patch {pe.shape[-1]}', f'width {pe.shape[0]}'] if pe is not None else []) + [f'depth {depth}']
+    return ', '.join(parts + ([f'{head.shape[0]} classes'] if head is not None else []))
+
+def load_vit_weights(vit: nn.Module, sd: dict[str, Tensor], source: str | Path, arch: str = '',
+                     stored: dict[str, Tensor] | None = None) -> nn.Module:
+    "Load the ViT state dict `sd` (read from `source`, as `stored` before resampling) into `vit`; another architecture's is an error naming both."
+    mine = vit.state_dict()
+    shapes = [k for k in sd if k in mine and mine[k].shape != sd[k].shape]
+    if shapes or set(mine) != set(sd):
+        raise ValueError(f'checkpoint {source} holds a ViT with {_arch_summary(stored or sd)}, but the model {arch or type(vit).__name__} '
+                         f'has {_arch_summary(mine)} ({len(shapes)} tensors of other shapes, {len(set(mine) - set(sd))} '
+                         f'missing, {len(set(sd) - set(mine))} unexpected): pass the architecture the checkpoint was '
+                         'trained with (--model and its kwargs), or model="default" for an ns_vit checkpoint')
+    vit.load_state_dict(sd)
+    return vit
+
 def create_vit(name: str, pretrained: bool | str | Path = False, mean=None, std=None, **kw) -> PixelViT:
     "A timm ViT by name, random-init, from timm's hub (`True`) or from a local checkpoint path, as a `PixelViT`."
     vit = _timm_vit(name, pretrained is True, **kw)
@@ -111,36 +131,47 @@ def create_vit(name: str, pretrained: bool | str | Path = False, mean=None, std=
     m0, s0 = cfg.get('mean', (0.5, 0.5, 0.5)), cfg.get('std', (0.5, 0.5, 0.5))
     if not isinstance(pretrained, bool):
         sd, m1, s1 = split_normalizer(read_state_dict(pretrained))
-        from timm.models.vision_transformer import checkpoint_filter_fn
-        vit.load_state_dict(checkpoint_filter_fn(sd, vit))
+        from timm.models.vision_transformer import checkpoint_filter_fn  # resamples pos_embed/patch_embed to vit's size
+        load_vit_weights(vit, checkpoint_filter_fn(sd, vit), pretrained, name, stored=sd)
         m0, s0 = m1 or m0, s1 or s0
     return PixelViT(vit, mean or m0, std or s0)
 
-# %% ../nbs/01_models.ipynb #49600eb6
+# %% ../nbs/01_models.ipynb #378aa0c8
 def model_card(model: PixelViT, arch: str, arch_kwargs: dict, **meta) -> dict:
     "The JSON-able card of `model`: architecture, its kwargs, normalisation and free-form metadata."
     return {'arch': arch, 'arch_kwargs': arch_kwargs, 'mean': model.mean.flatten().tolist(),
             'std': model.std.flatten().tolist(), **meta}
 
+def weights_digest(model: nn.Module, length: int = 8) -> str:
+    "Hex sha256 (first `length` digits) of a model's weights and buffers in key order (run folders, caches, cards)."
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()): h.update(k.encode()); h.update(v.detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()[:length]
+
 def save_checkpoint(model: PixelViT, path: str | Path, card: dict) -> Path:
-    "Write `model` to `path` (.safetensors) and `card` to `path` with .json, both atomically."
+    "Write `model` to `path` (.safetensors) and `card` with the weights' sha256 to `path` with .json, both atomically."
     path = Path(path).with_suffix('.safetensors')
+    card = {**card, 'weights_sha256': weights_digest(model, 64)}
     sd = {k: v.detach().cpu().contiguous() for k, v in model.vit.state_dict().items()}
     atomic_save(sd, path, lambda o, p: save_file(o, p, metadata={'card': json.dumps(card)}))
     atomic_save(card, path.with_suffix('.json'), lambda o, p: Path(p).write_text(json.dumps(o, indent=2)))
     return path
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = 'cpu') -> tuple[PixelViT, dict]:
-    "Rebuild a `PixelViT` and its card from a checkpoint written by `save_checkpoint`."
+    "Rebuild a `PixelViT` and its card from a checkpoint written by `save_checkpoint`, verifying the weights' sha256."
     path = Path(path).expanduser()
     if not path.is_file(): raise FileNotFoundError(f'checkpoint {path} does not exist')
     try:
         with safe_open(str(path), 'pt') as f: card = json.loads((f.metadata() or {})['card'])
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
         raise ValueError(f'{path} is corrupt or not an ns_vit checkpoint ({type(e).__name__}: {e})') from None
-    vit = _timm_vit(card['arch'], False, **card['arch_kwargs'])
-    vit.load_state_dict(read_state_dict(path))
-    return PixelViT(vit, card['mean'], card['std']).to(map_location).eval(), card
+    vit = load_vit_weights(_timm_vit(card['arch'], False, **card['arch_kwargs']), read_state_dict(path), path, card['arch'])
+    model = PixelViT(vit, card['mean'], card['std'])
+    want = card.get('weights_sha256')  # checkpoints written before ns_vit recorded it carry none
+    if want is not None and weights_digest(model, len(want)) != want:
+        raise ValueError(f'checkpoint {path} is corrupt: its weights do not match the sha256 in its card '
+                         f'({weights_digest(model, 12)}… ≠ {want[:12]}…); restore or regenerate the file')
+    return model.to(map_location).eval(), card
 
 # %% ../nbs/01_models.ipynb #3f963808
 DEFAULT_ARCH = 'vit_tiny_patch16_224'  # timm name; the kwargs below override its size
@@ -164,13 +195,6 @@ def load_default_model(path: str | Path | None = None, map_location='cpu') -> Pi
 def model_device(model: nn.Module) -> torch.device:
     "The device of `model`'s parameters."
     return next(model.parameters()).device
-
-def weights_digest(model: nn.Module, length: int = 8) -> str:
-    "A short hash of a model's weights and buffers (names base models in run folders, keys evaluation caches)."
-    import hashlib
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()): h.update(k.encode()); h.update(v.detach().cpu().float().numpy().tobytes())
-    return h.hexdigest()[:length]
 
 @torch.no_grad()
 def predict(model: nn.Module, images: Tensor, batch_size: int = 500) -> Tensor:

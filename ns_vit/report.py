@@ -4,14 +4,16 @@
 
 # %% ../nbs/00a_report.ipynb #8607027e
 from __future__ import annotations
-import json, os, platform, subprocess, tempfile, time
+import hashlib, json, os, platform, subprocess, tempfile, time
 from pathlib import Path
 import torch
-from .data import repo_root, atomic_save
+from .data import repo_root
+from .training import atomic_save
 
 # %% auto #0
-__all__ = ['PAPER_ARTIFACTS', 'in_test', 'report_dir', 'git_commit', 'device_info', 'param', 'write_json', 'write_meta',
-           'save_table', 'save_figure', 'write_index', 'write_minutes', 'notebook_markdown', 'render_readme']
+__all__ = ['PAPER_ARTIFACTS', 'in_test', 'report_dir', 'device_info', 'param', 'git_state', 'git_commit', 'relative_paths',
+           'write_json', 'write_meta', 'save_table', 'save_figure', 'write_index', 'write_minutes', 'notebook_markdown',
+           'render_readme', 'api_table']
 
 # %% ../nbs/00a_report.ipynb #aae446aa
 def in_test() -> bool:
@@ -25,14 +27,6 @@ def report_dir(artifact: str, smoke: bool = False, root: str | Path | None = Non
     d.mkdir(parents=True, exist_ok=True)
     return d
 
-def git_commit() -> str:
-    "The current git commit of the repo (with `+dirty` if the tree has changes), or 'unknown'."
-    try:
-        run = lambda *a: subprocess.run(['git', *a], cwd=repo_root(), capture_output=True, text=True, timeout=10).stdout.strip()
-        c = run('rev-parse', 'HEAD')
-        return (c + ('+dirty' if run('status', '--porcelain', '--untracked-files=no') else '')) if c else 'unknown'
-    except Exception: return 'unknown'
-
 def device_info(device: str | torch.device = 'cpu') -> str:
     "A readable description of the compute device."
     device = torch.device(device)
@@ -42,26 +36,92 @@ def device_info(device: str | torch.device = 'cpu') -> str:
 def param(value):
     "A papermill parameter: `-p name '[1, 2]'` arrives as a string; decode JSON lists and dicts, pass the rest through."
     if isinstance(value, str) and value.strip()[:1] in '[{':
-        import json
         return json.loads(value)
     return value
+
+# %% ../nbs/00a_report.ipynb #78374b62
+def _git(root: Path, *args: str) -> bytes:
+    "Stdout of `git args` in `root` (empty when git fails)."
+    return subprocess.run(['git', *args], cwd=root, capture_output=True, timeout=60).stdout
+
+def git_state(
+    root: str | Path | None = None,  # a folder in the repository; default: ns_vit's repository
+) -> dict:
+    "The code that runs: `commit` (`<hash>+dirty` on a dirty tree), `dirty`, and for a dirty tree `diff_sha256` and `untracked`."
+    root = Path(root) if root is not None else repo_root()
+    outside_reports = ['--', '.', ':(exclude)reports']  # make reports rewrites tracked reports as it runs
+    try:
+        commit = _git(root, 'rev-parse', '--verify', 'HEAD').decode().strip()
+        if not commit: return dict(commit='unknown', dirty=None)  # not a git checkout (an installed package, an archive)
+        diff = _git(root, 'diff', '--binary', '--no-color', '--no-ext-diff', 'HEAD', *outside_reports)
+        untracked = _git(root, 'ls-files', '--others', '--exclude-standard', *outside_reports).decode().splitlines()
+    except (OSError, subprocess.SubprocessError): return dict(commit='unknown', dirty=None)  # no git, or it hung
+    if not diff and not untracked: return dict(commit=commit, dirty=False)
+    return dict(commit=f'{commit}+dirty', dirty=True, diff_sha256=hashlib.sha256(diff).hexdigest(), untracked=untracked)
+
+def git_commit(root: str | Path | None = None) -> str:
+    "The current git commit of the repo (`<hash>+dirty` if tracked files outside reports/ changed), or 'unknown'."
+    return git_state(root)['commit']
+
+# %% ../nbs/00a_report.ipynb #d69f889b
+def _is_path(v) -> bool:
+    "A path object, or a string that is an absolute (or `~`) path."
+    return isinstance(v, os.PathLike) or (isinstance(v, str) and '\n' not in v and (os.path.isabs(v) or v.startswith('~')))
+
+def _under(p: Path, root: Path) -> str | None:
+    "`p` relative to `root` as a posix string, trying the paths as written and as resolved (symlinks); None if outside."
+    for a, b in ((Path(os.path.abspath(p)), Path(os.path.abspath(root))), (p.resolve(), root.resolve())):
+        if a.is_relative_to(b): return a.relative_to(b).as_posix()
+    return None
+
+def relative_paths(
+    obj,  # a parameter value: nested dicts, lists and tuples of anything JSON can hold, paths included
+    *,
+    root: str | Path | None = None,  # the repository; default: ns_vit's
+    where: str = '',  # the name of `obj`, for the notes ('params' -> 'params.data')
+) -> tuple[object, list[str]]:
+    "`obj` with paths under `root` made relative, paths elsewhere cut to their name, and a note naming each cut."
+    if isinstance(obj, dict):
+        done = {k: relative_paths(v, root=root, where=f'{where}.{k}' if where else str(k)) for k, v in obj.items()}
+        return {k: v for k, (v, _) in done.items()}, [n for _, notes in done.values() for n in notes]
+    if isinstance(obj, (list, tuple)):
+        done = [relative_paths(v, root=root, where=f'{where}[{i}]') for i, v in enumerate(obj)]
+        return [v for v, _ in done], [n for _, notes in done for n in notes]
+    if not _is_path(obj): return obj, []
+    p = Path(os.fspath(obj)).expanduser()
+    if not p.is_absolute(): return p.as_posix(), []  # already relative (to the working directory, the repo root in make)
+    rel = _under(p, Path(root) if root is not None else repo_root())
+    if rel is not None: return rel, []
+    return p.name, [f'{where or "value"}: a path outside the repository, recorded as its name {p.name!r}']
 
 # %% ../nbs/00a_report.ipynb #e0a9db3b
 def write_json(obj, path: str | Path) -> Path:
     "Write `obj` as indented JSON, atomically."
     return atomic_save(obj, path, lambda o, p: Path(p).write_text(json.dumps(o, indent=2, default=str)))
 
-def write_meta(folder: str | Path, params: dict, t0: float, device='cpu', **extra) -> Path:
-    "Write `meta.json` (parameters, git commit, device, wall time since `t0`, torch version) into `folder`."
-    meta = dict(params=params, git_commit=git_commit(), device=device_info(device), wall_time_s=round(time.time() - t0, 1),
-                torch=torch.__version__, created=time.strftime('%Y-%m-%d %H:%M:%S'), **extra)
+def write_meta(
+    folder: str | Path,  # the artifact folder (`report_dir(...)`)
+    params: dict,  # the notebook's parameters
+    t0: float,  # `time.time()` when the experiment started
+    device='cpu',  # the device it ran on
+    **extra,  # anything else the report should record (run folders, timings, settings)
+) -> Path:
+    "Write `meta.json`: parameters and extras (paths relative to the repo), git commit and state, device, wall time, torch."
+    params, notes = relative_paths(params, where='params')
+    extra, extra_notes = relative_paths(extra)
+    state = git_state()
+    meta = dict(params=params, git_commit=state.pop('commit'), **state, device=device_info(device),
+                wall_time_s=round(time.time() - t0, 1), torch=torch.__version__, created=time.strftime('%Y-%m-%d %H:%M:%S'), **extra)
+    if notes + extra_notes: meta['path_notes'] = notes + extra_notes
     return write_json(meta, Path(folder) / 'meta.json')
 
 def save_table(df, folder: str | Path, name: str, floatfmt: str = '.4f') -> Path:
-    "Write a pandas table as `<name>.csv` and `<name>.md` into `folder`."
+    "Write a pandas table as `<name>.csv` and `<name>.md` into `folder` (with `df.attrs['note']` under the markdown table)."
     folder = Path(folder)
+    note = df.attrs.get('note')
+    md = df.to_markdown(index=False, floatfmt=floatfmt) + '\n' + (f'\n{note}\n' if note else '')
     atomic_save(df, folder / f'{name}.csv', lambda o, p: o.to_csv(p, index=False))
-    atomic_save(df, folder / f'{name}.md', lambda o, p: Path(p).write_text(o.to_markdown(index=False, floatfmt=floatfmt) + '\n'))
+    atomic_save(md, folder / f'{name}.md', lambda o, p: Path(p).write_text(o))
     return folder / f'{name}.md'
 
 def save_figure(fig, folder: str | Path, name: str) -> Path:
@@ -115,16 +175,27 @@ def write_minutes(log: str | Path | None = None, root: str | Path | None = None)
     return atomic_save('\n'.join(lines) + '\n', base / 'reports/benchmarks/make_reports_minutes.md', lambda o, p: Path(p).write_text(o))
 
 # %% ../nbs/00a_report.ipynb #628bdb20
+def _echo_false(src: str) -> bool:
+    "Whether the cell's leading `#|` directives include `echo: false`."
+    lines = [l[2:].strip() for l in src.splitlines() if l.startswith('#|')]
+    return any(l.replace(' ', '') == 'echo:false' for l in lines)
+
+def _outputs_markdown(outputs: list[dict]) -> list[str]:
+    "Markdown outputs as they are, the text ones (streams, plain reprs) together in one fence."
+    md = [''.join(o['data']['text/markdown']).strip() for o in outputs if 'text/markdown' in o.get('data', {})]
+    text = ''.join(''.join(o.get('text', '')) or ''.join(o.get('data', {}).get('text/plain', ''))
+                   for o in outputs if 'text/markdown' not in o.get('data', {}))
+    return md + ([f'```\n{text.rstrip()}\n```'] if text.strip() else [])
+
 def notebook_markdown(nb: dict) -> str:
-    "Markdown of an executed notebook: markdown cells as is, code cells fenced, with their text output."
+    "Markdown of an executed notebook: markdown cells as is, code cells fenced with their output; `#| echo: false`: output only."
     parts = []
     for c in nb['cells']:
         src = ''.join(c['source']).strip()
         if c['cell_type'] == 'markdown': parts.append(src)
-        elif c['cell_type'] == 'code' and src and not src.startswith('#|'):
-            parts.append(f'```python\n{src}\n```')
-            text = ''.join(''.join(o.get('text', '')) or ''.join(o.get('data', {}).get('text/plain', '')) for o in c.get('outputs', []))
-            if text.strip(): parts.append(f'```\n{text.rstrip()}\n```')
+        elif c['cell_type'] == 'code' and src and (not src.startswith('#|') or _echo_false(src)):
+            if not src.startswith('#|'): parts.append(f'```python\n{src}\n```')
+            parts += _outputs_markdown(c.get('outputs', []))
     return '\n\n'.join(parts) + '\n'
 
 def render_readme(nb: str | Path = 'nbs/index.ipynb', out: str | Path = 'README.md') -> Path:
@@ -134,3 +205,22 @@ def render_readme(nb: str | Path = 'nbs/index.ipynb', out: str | Path = 'README.
     with tempfile.TemporaryDirectory() as d:
         done = pm.execute_notebook(str(root / nb), str(Path(d) / 'index.ipynb'), cwd=str(root), progress_bar=False)
     return atomic_save(notebook_markdown(done), root / out, lambda o, p: Path(p).write_text(o))
+
+# %% ../nbs/00a_report.ipynb #2bece268
+def api_table(
+    entries: dict[str, list[tuple[str, str]]],  # module under ns_vit -> [(name, what it does)]; 'ns-vit-…' names a console script
+) -> str:
+    "A markdown table module | name | what it does, after checking that every name exists."
+    import importlib
+    from importlib.metadata import entry_points
+    scripts = {e.name for e in entry_points(group='console_scripts')}
+    rows = ['| module | function | what it does |', '|---|---|---|']
+    for mod, items in entries.items():
+        m = importlib.import_module(f'ns_vit.{mod}')
+        for i, (name, line) in enumerate(items):
+            if name.startswith('ns-vit-') and name not in scripts:
+                raise ValueError(f'no console script {name!r}: reinstall ns_vit (make install) or fix the API table')
+            if not name.startswith('ns-vit-') and not hasattr(m, name):
+                raise AttributeError(f'ns_vit.{mod} has no {name!r}: update the API table')
+            rows.append(f"| {f'`ns_vit.{mod}`' if i == 0 else ''} | `{name}`{' (CLI)' if name.startswith('ns-vit-') else ''} | {line} |")
+    return '\n'.join(rows)

@@ -32,7 +32,7 @@ def args(ckpt: Path, out: Path, steps: int, **extra) -> list[str]:
 
 
 def cmd(*a: str) -> list[str]:
-    return [sys.executable, '-m', 'ns_vit.finetune', *a]
+    return [sys.executable, '-m', 'ns_vit.experiments', *a]
 
 
 def weights(out: Path) -> dict:
@@ -64,7 +64,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     common = dict(augment='false')
     subprocess.run(cmd(*args(ckpt, one, 10, **common)), check=True, cwd=ROOT, capture_output=True)
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                        '-m', 'ns_vit.finetune', *args(ckpt, two, 10, **common)],
+                        '-m', 'ns_vit.experiments', *args(ckpt, two, 10, **common)],
                        cwd=ROOT, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert r.returncode == 0, r.stderr[-3000:]
     m1, m2 = json.loads((one / 'metrics.json').read_text()), json.loads((two / 'metrics.json').read_text())

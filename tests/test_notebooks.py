@@ -17,14 +17,14 @@ EXPERIMENTS = {
     '05_finetune.ipynb': (['finetune/ns-eps0.03'], {}),
     '06a_attacks.ipynb': (['attack_budgets'], {}),
     '06b_corruptions.ipynb': (['corruptions'], {}),
-    '06c_shifts.ipynb': (['damagenet_cifar10'], {}),
+    '06d_damagenet.ipynb': (['damagenet_cifar10'], {}),
     '07_table3_robustness.ipynb': (['table3_robustness'], {}),
     '08_table4_eps_ablation.ipynb': (['table4_eps_ablation'], {}),
     '09_table2_robustness.ipynb': (['table2_robustness'], {}),
     '10_blend.ipynb': (['fig6_watermark', 'fig7_lookalike'], {}),
     '10a_explain.ipynb': (['fig8_10_saliency'], {}),
     '10b_fingerprint.ipynb': (['fingerprint'], {}),
-    '11_reproduction.ipynb': (['reproduction'], {}),
+    '11_reproduction.ipynb': (['reproduction/make_reports', 'reproduction/screen'], {}),
     '12_benchmarks.ipynb': (['benchmarks'], {}),
 }
 

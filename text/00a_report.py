@@ -1,0 +1,367 @@
+# %% [markdown]
+# # Reports
+# > Where experiment notebooks write their artifacts, and the `meta.json` that says how each was made.
+
+# %%
+#| default_exp report
+
+# %%
+#| export
+from __future__ import annotations
+import hashlib, json, os, platform, subprocess, tempfile, time
+from pathlib import Path
+import torch
+from ns_vit.data import repo_root
+from ns_vit.training import atomic_save
+
+# %%
+#| hide
+import tempfile
+from fastcore.test import test_eq, test_fail
+
+
+# %% [markdown]
+# ## Artifact folders
+# Each experiment notebook writes `reports/<artifact>/` at its default parameters. Smoke runs (tests) write to
+# `runs/smoke/reports/<artifact>/` instead, so a test never overwrites a real report.
+
+# %%
+#| export
+def in_test() -> bool:
+    "True under `nbdev_test` (which sets IN_TEST)."
+    return bool(os.environ.get('IN_TEST'))
+
+def report_dir(artifact: str, smoke: bool = False, root: str | Path | None = None) -> Path:
+    "The folder for `artifact`: `reports/<artifact>` or, for smoke runs, `runs/smoke/reports/<artifact>`."
+    base = Path(root) if root is not None else repo_root()
+    d = base / ('runs/smoke/reports' if smoke else 'reports') / artifact
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+def device_info(device: str | torch.device = 'cpu') -> str:
+    "A readable description of the compute device."
+    device = torch.device(device)
+    if device.type == 'cuda': return torch.cuda.get_device_name(device)
+    return f'cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'
+
+def param(value):
+    "A papermill parameter: `-p name '[1, 2]'` arrives as a string; decode JSON lists and dicts, pass the rest through."
+    if isinstance(value, str) and value.strip()[:1] in '[{':
+        return json.loads(value)
+    return value
+
+
+# %%
+test_eq(param('[1, 2]'), [1, 2]); test_eq(param('{"a": {}}'), {'a': {}}); test_eq(param('abc'), 'abc'); test_eq(param([3]), [3])
+
+
+# %% [markdown]
+# ## Provenance: the commit and the paths in `meta.json`
+# A report says which code made it. On a clean tree that is the commit hash. On a dirty tree it is
+# `<commit>+dirty` with `dirty: true` and `diff_sha256`, the SHA-256 of `git diff --binary HEAD` (tracked changes,
+# staged or not), so two reports made from the same uncommitted edits can be told apart from two that were not;
+# untracked files that git does not ignore are listed by name. Changes under `reports/` do not count: `make reports`
+# rewrites the tracked reports as it goes, and a report regenerated from a clean clone must not call the next
+# notebook's tree dirty.
+
+# %%
+#| export
+def _git(root: Path, *args: str) -> bytes:
+    "Stdout of `git args` in `root` (empty when git fails)."
+    return subprocess.run(['git', *args], cwd=root, capture_output=True, timeout=60).stdout
+
+def git_state(
+    root: str | Path | None = None,  # a folder in the repository; default: ns_vit's repository
+) -> dict:
+    "The code that runs: `commit` (`<hash>+dirty` on a dirty tree), `dirty`, and for a dirty tree `diff_sha256` and `untracked`."
+    root = Path(root) if root is not None else repo_root()
+    outside_reports = ['--', '.', ':(exclude)reports']  # make reports rewrites tracked reports as it runs
+    try:
+        commit = _git(root, 'rev-parse', '--verify', 'HEAD').decode().strip()
+        if not commit: return dict(commit='unknown', dirty=None)  # not a git checkout (an installed package, an archive)
+        diff = _git(root, 'diff', '--binary', '--no-color', '--no-ext-diff', 'HEAD', *outside_reports)
+        untracked = _git(root, 'ls-files', '--others', '--exclude-standard', *outside_reports).decode().splitlines()
+    except (OSError, subprocess.SubprocessError): return dict(commit='unknown', dirty=None)  # no git, or it hung
+    if not diff and not untracked: return dict(commit=commit, dirty=False)
+    return dict(commit=f'{commit}+dirty', dirty=True, diff_sha256=hashlib.sha256(diff).hexdigest(), untracked=untracked)
+
+def git_commit(root: str | Path | None = None) -> str:
+    "The current git commit of the repo (`<hash>+dirty` if tracked files outside reports/ changed), or 'unknown'."
+    return git_state(root)['commit']
+
+
+# %%
+def git(d, *a): subprocess.run(['git', '-c', 'user.name=t', '-c', 'user.email=t@t', *a], cwd=d, check=True, capture_output=True)
+with tempfile.TemporaryDirectory() as d:
+    test_eq(git_state(d), dict(commit='unknown', dirty=None))  # not a repository
+    git(d, 'init', '-q'); (Path(d) / 'a.py').write_text('x = 1\n'); (Path(d) / 'reports').mkdir(); (Path(d) / 'reports/t.md').write_text('1\n')
+    git(d, 'add', '.'); git(d, 'commit', '-qm', 'c')
+    head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=d, capture_output=True, text=True).stdout.strip()
+    test_eq(git_state(d), dict(commit=head, dirty=False)); test_eq(git_commit(d), head)
+    (Path(d) / 'reports/t.md').write_text('2\n'); (Path(d) / 'reports/new.png').write_bytes(b'')  # regenerated reports: still clean
+    test_eq(git_state(d)['dirty'], False)
+    (Path(d) / 'a.py').write_text('x = 2\n')
+    s = git_state(d)
+    diff = subprocess.run(['git', 'diff', '--binary', 'HEAD', '--', '.', ':(exclude)reports'], cwd=d, capture_output=True).stdout
+    test_eq((s['commit'], s['dirty'], s['untracked']), (head + '+dirty', True, []))
+    test_eq(s['diff_sha256'], hashlib.sha256(diff).hexdigest()); assert b'x = 2' in diff
+    (Path(d) / 'a.py').write_text('x = 3\n'); assert git_state(d)['diff_sha256'] != s['diff_sha256']  # another edit, another hash
+    (Path(d) / 'a.py').write_text('x = 1\n'); (Path(d) / 'b.py').write_text('')  # an untracked source file makes it dirty too
+    test_eq((git_state(d)['dirty'], git_state(d)['untracked']), (True, ['b.py']))
+
+
+# %% [markdown]
+# Paths in a report's parameters and extras are written relative to the repository, so a `meta.json` reads the same
+# on every machine and gives away none of the machine that made it. A path outside the repository (a data set in
+# `/data/imagenet`, a temporary folder) is cut to its name, and `path_notes` says which values were cut.
+
+# %%
+#| export
+def _is_path(v) -> bool:
+    "A path object, or a string that is an absolute (or `~`) path."
+    return isinstance(v, os.PathLike) or (isinstance(v, str) and '\n' not in v and (os.path.isabs(v) or v.startswith('~')))
+
+def _under(p: Path, root: Path) -> str | None:
+    "`p` relative to `root` as a posix string, trying the paths as written and as resolved (symlinks); None if outside."
+    for a, b in ((Path(os.path.abspath(p)), Path(os.path.abspath(root))), (p.resolve(), root.resolve())):
+        if a.is_relative_to(b): return a.relative_to(b).as_posix()
+    return None
+
+def relative_paths(
+    obj,  # a parameter value: nested dicts, lists and tuples of anything JSON can hold, paths included
+    *,
+    root: str | Path | None = None,  # the repository; default: ns_vit's
+    where: str = '',  # the name of `obj`, for the notes ('params' -> 'params.data')
+) -> tuple[object, list[str]]:
+    "`obj` with paths under `root` made relative, paths elsewhere cut to their name, and a note naming each cut."
+    if isinstance(obj, dict):
+        done = {k: relative_paths(v, root=root, where=f'{where}.{k}' if where else str(k)) for k, v in obj.items()}
+        return {k: v for k, (v, _) in done.items()}, [n for _, notes in done.values() for n in notes]
+    if isinstance(obj, (list, tuple)):
+        done = [relative_paths(v, root=root, where=f'{where}[{i}]') for i, v in enumerate(obj)]
+        return [v for v, _ in done], [n for _, notes in done for n in notes]
+    if not _is_path(obj): return obj, []
+    p = Path(os.fspath(obj)).expanduser()
+    if not p.is_absolute(): return p.as_posix(), []  # already relative (to the working directory, the repo root in make)
+    rel = _under(p, Path(root) if root is not None else repo_root())
+    if rel is not None: return rel, []
+    return p.name, [f'{where or "value"}: a path outside the repository, recorded as its name {p.name!r}']
+
+
+# %%
+root = repo_root()
+v, notes = relative_paths({'run': str(root / 'runs/finetune/ns-1'), 'ckpt': root / 'data/default_vit.safetensors', 'eps': 0.03,
+                           'runs': {'ns': [str(root / 'runs/a'), '/data/imagenet/']}, 'name': 'vit_tiny', 'frac': '1/255'}, where='params')
+test_eq(v, {'run': 'runs/finetune/ns-1', 'ckpt': 'data/default_vit.safetensors', 'eps': 0.03,
+            'runs': {'ns': ['runs/a', 'imagenet']}, 'name': 'vit_tiny', 'frac': '1/255'})
+test_eq(notes, ["params.runs.ns[1]: a path outside the repository, recorded as its name 'imagenet'"])
+test_eq(relative_paths(Path('runs/x')), ('runs/x', []))  # relative paths stay, as strings
+test_eq(relative_paths(str(root))[0], '.')
+with tempfile.TemporaryDirectory() as d:  # a repository that is reached through a symlink is still recognised
+    os.symlink(root, Path(d) / 'link')
+    test_eq(relative_paths(str(Path(d) / 'link' / 'reports'), root=root), ('reports', []))
+
+
+# %%
+#| export
+def write_json(obj, path: str | Path) -> Path:
+    "Write `obj` as indented JSON, atomically."
+    return atomic_save(obj, path, lambda o, p: Path(p).write_text(json.dumps(o, indent=2, default=str)))
+
+def write_meta(
+    folder: str | Path,  # the artifact folder (`report_dir(...)`)
+    params: dict,  # the notebook's parameters
+    t0: float,  # `time.time()` when the experiment started
+    device='cpu',  # the device it ran on
+    **extra,  # anything else the report should record (run folders, timings, settings)
+) -> Path:
+    "Write `meta.json`: parameters and extras (paths relative to the repo), git commit and state, device, wall time, torch."
+    params, notes = relative_paths(params, where='params')
+    extra, extra_notes = relative_paths(extra)
+    state = git_state()
+    meta = dict(params=params, git_commit=state.pop('commit'), **state, device=device_info(device),
+                wall_time_s=round(time.time() - t0, 1), torch=torch.__version__, created=time.strftime('%Y-%m-%d %H:%M:%S'), **extra)
+    if notes + extra_notes: meta['path_notes'] = notes + extra_notes
+    return write_json(meta, Path(folder) / 'meta.json')
+
+def save_table(df, folder: str | Path, name: str, floatfmt: str = '.4f') -> Path:
+    "Write a pandas table as `<name>.csv` and `<name>.md` into `folder` (with `df.attrs['note']` under the markdown table)."
+    folder = Path(folder)
+    note = df.attrs.get('note')
+    md = df.to_markdown(index=False, floatfmt=floatfmt) + '\n' + (f'\n{note}\n' if note else '')
+    atomic_save(df, folder / f'{name}.csv', lambda o, p: o.to_csv(p, index=False))
+    atomic_save(md, folder / f'{name}.md', lambda o, p: Path(p).write_text(o))
+    return folder / f'{name}.md'
+
+def save_figure(fig, folder: str | Path, name: str) -> Path:
+    "Save a matplotlib figure as `<name>.png` and `<name>.pdf` into `folder`."
+    for ext in ('png', 'pdf'):
+        atomic_save(fig, Path(folder) / f'{name}.{ext}', lambda o, p: o.savefig(p, dpi=150, bbox_inches='tight', format=ext))
+    return Path(folder) / f'{name}.png'
+
+
+# %%
+import pandas as pd, matplotlib.pyplot as plt
+with tempfile.TemporaryDirectory() as d:
+    rd = report_dir('demo', smoke=True, root=d)
+    test_eq(rd, Path(d) / 'runs/smoke/reports/demo')
+    save_table(pd.DataFrame({'a': [1.0], 'b': ['x']}), rd, 'table')
+    test_eq((rd / 'table.md').read_text().splitlines()[0].replace(' ', ''), '|a|b|')
+    t = pd.DataFrame({'a': [1.0]}); t.attrs['note'] = '* marks p < 0.05.'
+    test_eq(save_table(t, rd, 'noted').read_text().splitlines()[-2:], ['', '* marks p < 0.05.'])  # the note under the table
+    test_eq(pd.read_csv(rd / 'noted.csv').columns.tolist(), ['a'])  # the csv stays a plain table
+    fig, ax = plt.subplots(); ax.plot([0, 1]); save_figure(fig, rd, 'fig'); plt.close(fig)
+    test_eq(sorted(p.name for p in rd.iterdir()), ['fig.pdf', 'fig.png', 'noted.csv', 'noted.md', 'table.csv', 'table.md'])
+    meta = json.loads(write_meta(rd, {'eps': 0.03, 'out': str(repo_root() / 'runs/x'), 'data': d}, time.time(),
+                                 runs={'ns': repo_root() / 'runs/ns'}).read_text())
+    test_eq(meta['params'], {'eps': 0.03, 'out': 'runs/x', 'data': Path(d).name}); assert meta['wall_time_s'] >= 0
+    test_eq(meta['runs'], {'ns': 'runs/ns'}); test_eq(len(meta['path_notes']), 1); assert meta['path_notes'][0].startswith('params.data')
+    test_eq(meta['git_commit'].endswith('+dirty'), meta['dirty'] is True)  # the flag and the commit agree
+    assert str(repo_root()) not in json.dumps(meta)  # nothing of this machine's paths
+
+# %% [markdown]
+# ## The index of reports
+# `reports/README.md` is generated: one section per artifact folder, with the files it holds and how it was made.
+
+# %%
+#| export
+PAPER_ARTIFACTS = {  # report folder -> what it is in the paper (Liu et al.), in the paper's order
+    'table1_nullspace_dims': 'Table 1 (nullspace dimensions)', 'fig2_exact_nullspace': 'Figure 2 (exact nullspace)',
+    'fig3_approx_nullspace': 'Figure 3 (approximate nullspace)', 'finetune/ns-eps0.03': 'Figure 4 and Table 5 (NS finetuning dynamics; NS vs plain summary)',
+    'fig5_closure': 'Figure 5 (closure, App. D)', 'table2_robustness': 'Table 2 (robustness)', 'table3_robustness': 'Table 3 (vs adversarial training)',
+    'table4_eps_ablation': 'Table 4 (ε ablation, NS vs random)', 'fig6_watermark': 'Figure 6 (watermarking, App. E)',
+    'fig7_lookalike': 'Figure 7 (look-alike images, App. F)', 'fig8_10_saliency': 'Figures 8–10 (saliency maps, App. F)',
+    'fingerprint': '§6 model fingerprint ("patenting")', 'attack_budgets': '§5 support: attack budgets and Patch-Fool',
+    'corruptions': '§5 support: CIFAR-10-C generation', 'damagenet_cifar10': '§5 support: DamageNet-style transfer set',
+    'reproduction': 'reproduction study: NS vs plain and random-noise finetuning, seeds and intervals',
+    'pretrain': 'the embedded default model', 'benchmarks': 'benchmarks (`make bench`)'}
+
+def write_index(root: str | Path | None = None) -> Path:
+    "Regenerate `reports/README.md`: the paper's artifacts by name, then every folder with its files, commit, device, time."
+    base = (Path(root) if root is not None else repo_root()) / 'reports'
+    lines = ['# Reports', '', 'Generated by `make reports` (papermill runs of the experiment notebooks at their default',
+             'parameters); never edited by hand. Each folder holds its figure(s), table(s) and a `meta.json`.', '',
+             '| paper artifact | folder |', '|---|---|']
+    lines += [f'| {name} | [{k}]({k}/) |' for k, name in PAPER_ARTIFACTS.items() if (base / k / 'meta.json').exists()]
+    lines.append('')
+    for meta_path in sorted(base.glob('**/meta.json')):
+        d, meta = meta_path.parent, json.loads(meta_path.read_text())
+        rel = d.relative_to(base).as_posix()
+        lines += [f'## {rel}' + (f' — {PAPER_ARTIFACTS[rel]}' if rel in PAPER_ARTIFACTS else ''), '', f"- made {meta.get('created', '?')} at commit `{meta.get('git_commit', '?')}` on "
+                  f"{meta.get('device', '?')} in {meta.get('wall_time_s', '?')} s"]
+        lines += [f'- [{f.name}]({rel}/{f.name})' for f in sorted(d.iterdir()) if f.suffix in ('.md', '.png', '.csv')]
+        lines.append('')
+    return atomic_save('\n'.join(lines), base / 'README.md', lambda o, p: Path(p).write_text(o))
+
+def write_minutes(log: str | Path | None = None, root: str | Path | None = None) -> Path:
+    "`reports/benchmarks/make_reports_minutes.md` from `make reports`' log (lines `notebook lane seconds`, then `total - s`)."
+    base = Path(root) if root is not None else repo_root()
+    rows = [l.split() for l in Path(log or base / 'runs/reports/minutes.txt').read_text().splitlines() if len(l.split()) == 3]
+    if not rows or rows[-1][0] != 'total': raise ValueError(f'{log or "runs/reports/minutes.txt"} has no total line: did make reports finish?')
+    total = int(rows[-1][2])
+    lanes = {}
+    for nb, lane, s in rows[:-1]: lanes[lane] = lanes.get(lane, 0) + int(s)
+    lines = ['# `make reports`: minutes per notebook', '', f'Wall time of the whole command: **{total / 60:.1f} min** '
+             f'(lanes run side by side, one torch thread per notebook; {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; '
+             f"{time.strftime('%Y-%m-%d %H:%M')}, commit `{git_commit()}`).", '', '| notebook | lane | minutes |', '|---|---|---:|']
+    lines += [f'| {nb} | {lane} | {int(s) / 60:.1f} |' for nb, lane, s in rows[:-1]]
+    lines += ['', '| lane | minutes (sum of its notebooks) |', '|---|---:|'] + [f'| {k} | {v / 60:.1f} |' for k, v in lanes.items()]
+    return atomic_save('\n'.join(lines) + '\n', base / 'reports/benchmarks/make_reports_minutes.md', lambda o, p: Path(p).write_text(o))
+
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    rd = Path(d) / 'reports' / 'fig9'; rd.mkdir(parents=True)
+    write_meta(rd, {}, time.time()); (rd / 'fig9.png').write_bytes(b'')
+    txt = write_index(d).read_text()
+    assert '## fig9' in txt and '(fig9/fig9.png)' in txt
+    log = Path(d) / 'minutes.txt'; log.write_text('05_finetune A 600\n03_nullspace B 60\n')
+    test_fail(lambda: write_minutes(log, d), contains='no total line')
+    log.write_text('05_finetune A 600\n03_nullspace B 60\n04a B 120\ntotal - 630\n')
+    txt = write_minutes(log, d).read_text()
+    assert '**10.5 min**' in txt and '| 05_finetune | A | 10.0 |' in txt and '| B | 3.0 |' in txt
+
+
+# %% [markdown]
+# ## README from `nbs/index.ipynb`
+# Quarto (which `nbdev_readme` needs) cannot be installed everywhere, so the README is rendered here: the index
+# notebook is executed with papermill and its markdown cells, code and printed output are written as markdown. Cells
+# that start with a `#|` directive (`#| hide`, `#| export`) are left out; a cell marked `#| echo: false` contributes
+# its output without its code, and an output in markdown (`IPython.display.Markdown`) is written as markdown, so a
+# cell can generate a table of the README.
+
+# %%
+#| export
+def _echo_false(src: str) -> bool:
+    "Whether the cell's leading `#|` directives include `echo: false`."
+    lines = [l[2:].strip() for l in src.splitlines() if l.startswith('#|')]
+    return any(l.replace(' ', '') == 'echo:false' for l in lines)
+
+def _outputs_markdown(outputs: list[dict]) -> list[str]:
+    "Markdown outputs as they are, the text ones (streams, plain reprs) together in one fence."
+    md = [''.join(o['data']['text/markdown']).strip() for o in outputs if 'text/markdown' in o.get('data', {})]
+    text = ''.join(''.join(o.get('text', '')) or ''.join(o.get('data', {}).get('text/plain', ''))
+                   for o in outputs if 'text/markdown' not in o.get('data', {}))
+    return md + ([f'```\n{text.rstrip()}\n```'] if text.strip() else [])
+
+def notebook_markdown(nb: dict) -> str:
+    "Markdown of an executed notebook: markdown cells as is, code cells fenced with their output; `#| echo: false`: output only."
+    parts = []
+    for c in nb['cells']:
+        src = ''.join(c['source']).strip()
+        if c['cell_type'] == 'markdown': parts.append(src)
+        elif c['cell_type'] == 'code' and src and (not src.startswith('#|') or _echo_false(src)):
+            if not src.startswith('#|'): parts.append(f'```python\n{src}\n```')
+            parts += _outputs_markdown(c.get('outputs', []))
+    return '\n\n'.join(parts) + '\n'
+
+def render_readme(nb: str | Path = 'nbs/index.ipynb', out: str | Path = 'README.md') -> Path:
+    "Execute `nb` (from the repo root) and write it as markdown to `out`."
+    import papermill as pm
+    root = repo_root()
+    with tempfile.TemporaryDirectory() as d:
+        done = pm.execute_notebook(str(root / nb), str(Path(d) / 'index.ipynb'), cwd=str(root), progress_bar=False)
+    return atomic_save(notebook_markdown(done), root / out, lambda o, p: Path(p).write_text(o))
+
+
+# %%
+_nb = {'cells': [{'cell_type': 'markdown', 'source': ['# T']}, {'cell_type': 'code', 'source': ['#| hide\nx=1'], 'outputs': []},
+                 {'cell_type': 'code', 'source': ['print(1)'], 'outputs': [{'output_type': 'stream', 'text': ['1\n']}]}]}
+test_eq(notebook_markdown(_nb), '# T\n\n```python\nprint(1)\n```\n\n```\n1\n```\n')
+_nb['cells'].append({'cell_type': 'code', 'source': ['#| echo: false\nMarkdown("| a |")'], 'outputs': [
+    {'output_type': 'execute_result', 'data': {'text/markdown': ['| a |\n', '|---|'], 'text/plain': ['<Markdown>']}}]})
+test_eq(notebook_markdown(_nb).split('\n\n')[-1], '| a |\n|---|\n')  # output only, as markdown
+
+
+# %% [markdown]
+# The README's "Public API" table is generated by `api_table` from a list of names with one line each: every name is
+# looked up in its module (a console script among the installed entry points), so a renamed or removed function fails
+# the README's rendering instead of leaving a stale row.
+
+# %%
+#| export
+def api_table(
+    entries: dict[str, list[tuple[str, str]]],  # module under ns_vit -> [(name, what it does)]; 'ns-vit-…' names a console script
+) -> str:
+    "A markdown table module | name | what it does, after checking that every name exists."
+    import importlib
+    from importlib.metadata import entry_points
+    scripts = {e.name for e in entry_points(group='console_scripts')}
+    rows = ['| module | function | what it does |', '|---|---|---|']
+    for mod, items in entries.items():
+        m = importlib.import_module(f'ns_vit.{mod}')
+        for i, (name, line) in enumerate(items):
+            if name.startswith('ns-vit-') and name not in scripts:
+                raise ValueError(f'no console script {name!r}: reinstall ns_vit (make install) or fix the API table')
+            if not name.startswith('ns-vit-') and not hasattr(m, name):
+                raise AttributeError(f'ns_vit.{mod} has no {name!r}: update the API table')
+            rows.append(f"| {f'`ns_vit.{mod}`' if i == 0 else ''} | `{name}`{' (CLI)' if name.startswith('ns-vit-') else ''} | {line} |")
+    return '\n'.join(rows)
+
+
+# %%
+t = api_table({'stats': [('holm', 'Holm-adjusted p-values'), ('paired_table', 'a table for display')], 'evaluate': [('ns-vit-evaluate', 'score a model')]})
+test_eq(t.splitlines()[2:], ['| `ns_vit.stats` | `holm` | Holm-adjusted p-values |', '|  | `paired_table` | a table for display |',
+                             '| `ns_vit.evaluate` | `ns-vit-evaluate` (CLI) | score a model |'])
+test_fail(lambda: api_table({'stats': [('no_such_function', '')]}), contains='update the API table')
+test_fail(lambda: api_table({'stats': [('ns-vit-nothing', '')]}), contains='no console script')

@@ -1,0 +1,352 @@
+# %% [markdown]
+# # Models
+# > timm ViTs that take [0, 1] pixels, carry their own normalisation, and load from local checkpoints safely.
+
+# %%
+#| default_exp models
+
+# %%
+#| export
+from __future__ import annotations
+import hashlib, json
+from contextlib import contextmanager
+from pathlib import Path
+import torch
+from torch import nn, Tensor
+import timm
+from timm.models.vision_transformer import VisionTransformer
+from safetensors import SafetensorError
+from safetensors.torch import save_file, load_file, safe_open
+from ns_vit.data import atomic_save, repo_root
+
+# %%
+#| hide
+import tempfile, os
+from fastcore.test import test_eq, test_fail, test_close
+
+
+# %% [markdown]
+# ## Pixel-space models
+# Attacks, nullspace noise and corruptions all act on images in [0, 1], so every model ns_vit hands out is a thin
+# wrapper: normalise, then run the timm `VisionTransformer`, which stays reachable as `.vit` for the nullspace code.
+
+# %%
+#| export
+class PixelViT(nn.Module):
+    "A timm ViT that takes images in [0, 1] and normalises them itself."
+    def __init__(self, vit: nn.Module, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+        super().__init__()
+        self.vit = check_vit(vit)
+        self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer('std', torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+    def normalize(self, x: Tensor) -> Tensor: return (x - self.mean) / self.std  # (B, C, H, W)
+    cpu_math_attention: bool = True  # on CPU with ≤ 256 tokens, attention as plain matmuls (faster there than SDPA's kernel)
+    def forward(self, x: Tensor) -> Tensor:  # (B, num_classes)
+        if not (self.cpu_math_attention and x.device.type == 'cpu'): return self.vit(self.normalize(x))
+        with math_attention(self.vit): return self.vit(self.normalize(x))
+
+@contextmanager
+def math_attention(vit: nn.Module, max_tokens: int = 256):
+    "Within the context the blocks of `vit` compute attention with explicit matmuls instead of fused SDPA (short sequences)."
+    mods = [b.attn for b in getattr(vit, 'blocks', []) if hasattr(b, 'attn') and hasattr(b.attn, 'fused_attn')]
+    pe = getattr(vit, 'patch_embed', None)
+    tokens = getattr(pe, 'num_patches', max_tokens + 1) + getattr(vit, 'num_prefix_tokens', 1)
+    if not mods or tokens > max_tokens or getattr(pe, 'dynamic_img_size', False): yield; return
+    flags = [m.fused_attn for m in mods]
+    for m in mods: m.fused_attn = False
+    try: yield
+    finally:
+        for m, f in zip(mods, flags): m.fused_attn = f
+
+def check_vit(vit: nn.Module) -> nn.Module:
+    "Return `vit` if it is a ViT with a linear, non-overlapping patch embedding; raise a clear error otherwise."
+    pe = getattr(vit, 'patch_embed', None)
+    proj = getattr(pe, 'proj', None)
+    if not isinstance(proj, nn.Conv2d) or not hasattr(vit, 'blocks') or not hasattr(vit, '_pos_embed'):
+        raise TypeError(f'{type(vit).__name__} is not a timm VisionTransformer with a linear patch embedding '
+                        '(patch_embed.proj Conv2d, blocks, _pos_embed); ns_vit works on ViT-style models only.')
+    if proj.kernel_size != proj.stride or proj.padding not in (0, (0, 0)) or proj.groups != 1 or proj.dilation != (1, 1):
+        raise TypeError(f'the patch embedding of {type(vit).__name__} is not a non-overlapping linear map '
+                        f'(kernel {proj.kernel_size}, stride {proj.stride}, padding {proj.padding}); its nullspace '
+                        'is not defined patch by patch.')
+    return vit
+
+def as_vit(model: nn.Module) -> nn.Module:
+    "The timm VisionTransformer inside `model` (a `PixelViT` or a bare ViT)."
+    return model.vit if isinstance(model, PixelViT) else check_vit(model)
+
+
+# %%
+_vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, num_classes=10)
+_m = PixelViT(_vit, (0.1, 0.2, 0.3), (0.5, 0.5, 0.5)).eval()
+_x = torch.rand(2, 3, 32, 32)
+test_close(_m(_x), _vit((_x - torch.tensor([.1, .2, .3]).view(1, 3, 1, 1)) / 0.5), eps=1e-6)
+test_eq(as_vit(_m) is _vit, True)
+test_fail(lambda: check_vit(nn.Linear(3, 3)), contains='not a timm VisionTransformer')
+# on CPU the forward uses matmul attention (same function, other kernel); the fused flags come back afterwards
+_m.cpu_math_attention = False; _fused = _m(_x)
+_m.cpu_math_attention = True
+test_close(_m(_x), _fused, eps=1e-5)
+test_eq([b.attn.fused_attn for b in _vit.blocks], [True] * len(_vit.blocks))
+with math_attention(_vit): test_eq({b.attn.fused_attn for b in _vit.blocks}, {False})
+
+
+# %% [markdown]
+# ## Creating and loading ViTs
+# `create_vit` takes any timm ViT by name. `pretrained` is `False` (random init), `True` (timm's hub; needs
+# internet) or the path of a local checkpoint: safetensors, or a torch `.pth`/`.pth.tar` holding a state dict
+# directly or under `state_dict` / `model` / `state_dict_ema`, with or without DDP's `module.` prefix, including
+# easyrobust's layout `0.mean`, `0.std`, `1.<vit keys>`. Files are never unpickled into arbitrary objects.
+
+# %%
+#| export
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    "Tensors from a safetensors or torch checkpoint file, unwrapped from common containers; no arbitrary unpickling."
+    path = Path(path).expanduser()
+    if not path.is_file(): raise FileNotFoundError(f'checkpoint {path} does not exist')
+    try:
+        if path.suffix == '.safetensors': return load_file(str(path))
+        sd = torch.load(path, map_location='cpu', weights_only=True)
+    except (SafetensorError, RuntimeError, EOFError, ValueError, OSError) as e:
+        raise ValueError(f'cannot read checkpoint {path}: the file is corrupt or not a checkpoint ({e})') from None
+    except Exception as e:  # pickle errors: arbitrary objects refused by weights_only, or garbage
+        if 'Unsupported global' in str(e):
+            raise ValueError(f'cannot read checkpoint {path} safely: it pickles arbitrary objects, which ns_vit '
+                             'never unpickles; save a plain state dict or safetensors instead') from None
+        raise ValueError(f'cannot read checkpoint {path}: the file is corrupt or not a checkpoint') from None
+    for key in ('state_dict_ema', 'state_dict', 'model'):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict): sd = sd[key]; break
+    if not isinstance(sd, dict): raise ValueError(f'checkpoint {path} holds a {type(sd).__name__}, not a state dict')
+    return {k.removeprefix('module.'): v for k, v in sd.items() if isinstance(v, Tensor)}
+
+def split_normalizer(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], tuple | None, tuple | None]:
+    "Strip easyrobust's `0.mean`/`0.std` + `1.` layout; return (vit state dict, mean, std)."
+    if '0.mean' not in sd: return sd, None, None
+    mean, std = sd['0.mean'].flatten().tolist(), sd['0.std'].flatten().tolist()
+    return {k[2:]: v for k, v in sd.items() if k.startswith('1.')}, tuple(mean), tuple(std)
+
+
+# %%
+#| export
+def _timm_vit(name: str, pretrained: bool, **kw) -> nn.Module:
+    "timm.create_model with a clear message when hub weights cannot be had."
+    try: return timm.create_model(name, pretrained=pretrained, **kw)
+    except RuntimeError as e:
+        if 'Unknown model' in str(e): raise ValueError(f'{name!r} is not a timm model name') from None
+        raise
+    except Exception as e:
+        if not pretrained: raise
+        raise RuntimeError(f'could not fetch pretrained weights for {name!r} ({type(e).__name__}: {e}). Offline? '
+                           'Pass pretrained=<path to a local .safetensors/.pth checkpoint> instead.') from None
+
+def _arch_summary(sd: dict[str, Tensor]) -> str:
+    "The shape of the ViT a state dict describes: patch size, width, depth, classes."
+    pe, head = sd.get('patch_embed.proj.weight'), sd.get('head.weight')  # (D, C, P, P), (K, D)
+    depth = len({k.split('.')[1] for k in sd if k.startswith('blocks.')})
+    parts = ([f'patch {pe.shape[-1]}', f'width {pe.shape[0]}'] if pe is not None else []) + [f'depth {depth}']
+    return ', '.join(parts + ([f'{head.shape[0]} classes'] if head is not None else []))
+
+def load_vit_weights(vit: nn.Module, sd: dict[str, Tensor], source: str | Path, arch: str = '',
+                     stored: dict[str, Tensor] | None = None) -> nn.Module:
+    "Load the ViT state dict `sd` (read from `source`, as `stored` before resampling) into `vit`; another architecture's is an error naming both."
+    mine = vit.state_dict()
+    shapes = [k for k in sd if k in mine and mine[k].shape != sd[k].shape]
+    if shapes or set(mine) != set(sd):
+        raise ValueError(f'checkpoint {source} holds a ViT with {_arch_summary(stored or sd)}, but the model {arch or type(vit).__name__} '
+                         f'has {_arch_summary(mine)} ({len(shapes)} tensors of other shapes, {len(set(mine) - set(sd))} '
+                         f'missing, {len(set(sd) - set(mine))} unexpected): pass the architecture the checkpoint was '
+                         'trained with (--model and its kwargs), or model="default" for an ns_vit checkpoint')
+    vit.load_state_dict(sd)
+    return vit
+
+def create_vit(name: str, pretrained: bool | str | Path = False, mean=None, std=None, **kw) -> PixelViT:
+    "A timm ViT by name, random-init, from timm's hub (`True`) or from a local checkpoint path, as a `PixelViT`."
+    vit = _timm_vit(name, pretrained is True, **kw)
+    check_vit(vit)
+    cfg = getattr(vit, 'pretrained_cfg', {}) or {}
+    m0, s0 = cfg.get('mean', (0.5, 0.5, 0.5)), cfg.get('std', (0.5, 0.5, 0.5))
+    if not isinstance(pretrained, bool):
+        sd, m1, s1 = split_normalizer(read_state_dict(pretrained))
+        from timm.models.vision_transformer import checkpoint_filter_fn  # resamples pos_embed/patch_embed to vit's size
+        load_vit_weights(vit, checkpoint_filter_fn(sd, vit), pretrained, name, stored=sd)
+        m0, s0 = m1 or m0, s1 or s0
+    return PixelViT(vit, mean or m0, std or s0)
+
+
+# %%
+m = create_vit('vit_tiny_patch16_224', img_size=32, patch_size=8, num_classes=10)
+test_eq(m(torch.rand(1, 3, 32, 32)).shape, (1, 10))
+test_fail(lambda: create_vit('resnet18'), contains='not a timm VisionTransformer')
+test_fail(lambda: create_vit('not_a_model'), contains='not a timm model')
+with tempfile.TemporaryDirectory() as d:
+    sd = {f'module.{k}': v for k, v in m.vit.state_dict().items()}
+    torch.save({'state_dict': sd, 'epoch': 3}, Path(d) / 'a.pth.tar')
+    m2 = create_vit('vit_tiny_patch16_224', Path(d) / 'a.pth.tar', img_size=32, patch_size=8, num_classes=10)
+    assert torch.equal(m2.vit.patch_embed.proj.weight, m.vit.patch_embed.proj.weight)
+    dat = {'0.mean': torch.tensor([.4, .4, .4]), '0.std': torch.tensor([.2, .2, .2]),
+           **{f'1.{k}': v for k, v in m.vit.state_dict().items()}}
+    torch.save(dat, Path(d) / 'dat.pth')
+    m3 = create_vit('vit_tiny_patch16_224', Path(d) / 'dat.pth', img_size=32, patch_size=8, num_classes=10)
+    test_close(m3.mean.flatten(), torch.tensor([.4, .4, .4])); assert torch.equal(m3.vit.head.weight, m.vit.head.weight)
+    (Path(d) / 'bad.pth').write_bytes(b'not a checkpoint')
+    test_fail(lambda: read_state_dict(Path(d) / 'bad.pth'), contains='corrupt')
+    torch.save({'obj': nn.Linear(2, 2)}, Path(d) / 'pickle.pth')  # an arbitrary pickled object
+    test_fail(lambda: read_state_dict(Path(d) / 'pickle.pth'), contains='safely')
+    save_file({k: v.contiguous() for k, v in m.vit.state_dict().items()}, str(Path(d) / 'tiny.safetensors'))
+    test_fail(lambda: create_vit('vit_tiny_patch16_224', Path(d) / 'tiny.safetensors', img_size=32, patch_size=8, embed_dim=64,
+                                 num_heads=2, num_classes=10),  # another width: no timm shape traceback, both named
+              contains='holds a ViT with patch 8, width 192, depth 12, 10 classes, but the model vit_tiny_patch16_224 has patch 8, width 64')
+
+# %% [markdown]
+# Offline, asking timm's hub for weights fails with a message that says what to do instead:
+
+# %%
+#| notest
+os.environ['HF_HUB_OFFLINE'] = '1'
+test_fail(lambda: create_vit('vit_small_patch32_224', pretrained=True), contains='local')
+
+
+# %% [markdown]
+# ## Checkpoints
+# `save_checkpoint` writes safetensors weights (the card embedded in its metadata) plus the same card as JSON beside
+# it, each atomically. The card holds the architecture, normalisation, the weights' sha256 (`weights_digest`, over the
+# weights and the normalisation) and whatever the caller adds (data, command, metrics), so `load_checkpoint` rebuilds
+# the model from the file alone and refuses one whose bytes changed after it was written: safetensors checks its header,
+# not the tensors, so a flipped byte inside a weight would otherwise load silently as a worse model.
+
+# %%
+#| export
+def model_card(model: PixelViT, arch: str, arch_kwargs: dict, **meta) -> dict:
+    "The JSON-able card of `model`: architecture, its kwargs, normalisation and free-form metadata."
+    return {'arch': arch, 'arch_kwargs': arch_kwargs, 'mean': model.mean.flatten().tolist(),
+            'std': model.std.flatten().tolist(), **meta}
+
+def weights_digest(model: nn.Module, length: int = 8) -> str:
+    "Hex sha256 (first `length` digits) of a model's weights and buffers in key order (run folders, caches, cards)."
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()): h.update(k.encode()); h.update(v.detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()[:length]
+
+def save_checkpoint(model: PixelViT, path: str | Path, card: dict) -> Path:
+    "Write `model` to `path` (.safetensors) and `card` with the weights' sha256 to `path` with .json, both atomically."
+    path = Path(path).with_suffix('.safetensors')
+    card = {**card, 'weights_sha256': weights_digest(model, 64)}
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.vit.state_dict().items()}
+    atomic_save(sd, path, lambda o, p: save_file(o, p, metadata={'card': json.dumps(card)}))
+    atomic_save(card, path.with_suffix('.json'), lambda o, p: Path(p).write_text(json.dumps(o, indent=2)))
+    return path
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = 'cpu') -> tuple[PixelViT, dict]:
+    "Rebuild a `PixelViT` and its card from a checkpoint written by `save_checkpoint`, verifying the weights' sha256."
+    path = Path(path).expanduser()
+    if not path.is_file(): raise FileNotFoundError(f'checkpoint {path} does not exist')
+    try:
+        with safe_open(str(path), 'pt') as f: card = json.loads((f.metadata() or {})['card'])
+    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
+        raise ValueError(f'{path} is corrupt or not an ns_vit checkpoint ({type(e).__name__}: {e})') from None
+    vit = load_vit_weights(_timm_vit(card['arch'], False, **card['arch_kwargs']), read_state_dict(path), path, card['arch'])
+    model = PixelViT(vit, card['mean'], card['std'])
+    want = card.get('weights_sha256')  # checkpoints written before ns_vit recorded it carry none
+    if want is not None and weights_digest(model, len(want)) != want:
+        raise ValueError(f'checkpoint {path} is corrupt: its weights do not match the sha256 in its card '
+                         f'({weights_digest(model, 12)}… ≠ {want[:12]}…); restore or regenerate the file')
+    return model.to(map_location).eval(), card
+
+
+# %%
+def _umask() -> int: u = os.umask(0); os.umask(u); return u
+with tempfile.TemporaryDirectory() as d:
+    kw = dict(img_size=32, patch_size=8, num_classes=10)
+    p = save_checkpoint(m, Path(d) / 'm', model_card(m, 'vit_tiny_patch16_224', kw, note='test'))
+    m4, card = load_checkpoint(p)
+    test_eq(card['note'], 'test'); test_eq(json.loads(p.with_suffix('.json').read_text()), card)
+    test_eq(card['weights_sha256'], weights_digest(m, 64))
+    test_eq(oct(p.stat().st_mode & 0o777), oct(0o666 & ~_umask()))  # the usual mode, not safetensors' 0600
+    x = torch.rand(2, 3, 32, 32)
+    test_close(m4(x), m.eval()(x), eps=1e-6)
+    b = bytearray(p.read_bytes()); b[-5] ^= 0x40; p.write_bytes(bytes(b))  # one byte of one weight; header intact
+    test_fail(lambda: load_checkpoint(p), contains=f'checkpoint {p} is corrupt: its weights do not match')
+    p.write_bytes(p.read_bytes()[:100])  # truncated file
+    test_fail(lambda: load_checkpoint(p), contains='corrupt')
+
+# %% [markdown]
+# ## The embedded default model
+# A small ViT for 32×32 CIFAR-10 with 8×8 patches: the patch embedding maps C·P² = 192 pixel values to D < 192
+# dimensions, so it has a non-trivial nullspace. It is trained from scratch by `nbs/02_pretrain.ipynb`; its weights
+# and card are committed under `data/`.
+
+# %%
+#| export
+DEFAULT_ARCH = 'vit_tiny_patch16_224'  # timm name; the kwargs below override its size
+DEFAULT_ARCH_KWARGS = dict(img_size=32, patch_size=8, embed_dim=128, depth=6, num_heads=4, mlp_ratio=3.0,
+                           num_classes=10, global_pool='avg', class_token=False, fc_norm=True)
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+DEFAULT_CHECKPOINT = 'data/default_vit.safetensors'
+
+def default_vit() -> PixelViT:
+    "A freshly initialised embedded-default ViT (untrained)."
+    return create_vit(DEFAULT_ARCH, mean=CIFAR10_MEAN, std=CIFAR10_STD, **DEFAULT_ARCH_KWARGS)
+
+def load_default_model(path: str | Path | None = None, map_location='cpu') -> PixelViT:
+    "The embedded default ViT pretrained on CIFAR-10 by `nbs/02_pretrain.ipynb` (weights under `data/`)."
+    path = Path(path) if path else repo_root() / DEFAULT_CHECKPOINT
+    if not path.exists():
+        raise FileNotFoundError(f'{path} not found: run `papermill nbs/02_pretrain.ipynb /dev/null` to train it')
+    return load_checkpoint(path, map_location)[0]
+
+
+# %%
+d0 = default_vit()
+test_eq(d0.vit.patch_embed.proj.weight.shape, (128, 3, 8, 8))
+assert 3 * 8 * 8 > DEFAULT_ARCH_KWARGS['embed_dim']  # non-trivial nullspace by rank-nullity
+test_eq(d0(torch.rand(2, 3, 32, 32)).shape, (2, 10))
+
+
+# %% [markdown]
+# ## Predictions and accuracy
+# Batched, no-grad, device-agnostic helpers used by every experiment.
+
+# %%
+#| export
+def model_device(model: nn.Module) -> torch.device:
+    "The device of `model`'s parameters."
+    return next(model.parameters()).device
+
+@torch.no_grad()
+def predict(model: nn.Module, images: Tensor, batch_size: int = 500) -> Tensor:
+    "Logits of `model` (eval mode) on images (N, C, H, W) in [0, 1], batched, returned on CPU."
+    was_training = model.training; model.eval()
+    dev = model_device(model)
+    out = torch.cat([model(images[i:i + batch_size].to(dev)).float().cpu() for i in range(0, len(images), batch_size)])
+    model.train(was_training)
+    return out  # (N, num_classes)
+
+def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 500) -> float:
+    "Top-1 accuracy of `model` on (images, labels)."
+    return (predict(model, images, batch_size).argmax(1) == labels.cpu()).float().mean().item()
+
+
+# %%
+test_eq(predict(d0, torch.rand(7, 3, 32, 32), batch_size=3).shape, (7, 10))
+_a = accuracy(d0, torch.rand(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)); assert 0 <= _a <= 1
+
+
+# %% [markdown]
+# ## One entry point for experiments
+# Experiment notebooks take `model` ('default' or any timm ViT name) and `checkpoint` (a local file; for a timm name,
+# `'hub'` means timm's pretrained weights). `get_model` turns them into a `PixelViT` on `device`, in eval mode.
+
+# %%
+#| export
+def get_model(model: str = 'default', checkpoint: str = '', device: str | torch.device = 'cpu', **kw) -> PixelViT:
+    "The embedded default (`'default'`, optionally from `checkpoint`) or a timm ViT with `checkpoint` weights ('hub', a path or '')."
+    if model == 'default':
+        m = load_checkpoint(checkpoint)[0] if checkpoint else load_default_model()
+    else:
+        m = create_vit(model, pretrained=True if checkpoint == 'hub' else (checkpoint or False), **kw)
+    return m.to(device).eval()
+
+
+# %%
+test_eq(get_model('vit_tiny_patch16_224', img_size=32, patch_size=8, num_classes=10)(torch.rand(1, 3, 32, 32)).shape, (1, 10))
+test_fail(lambda: get_model('default', checkpoint='/nonexistent.safetensors'), contains='does not exist')

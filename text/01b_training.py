@@ -1,0 +1,243 @@
+# %% [markdown]
+# # Training utilities
+# > The pieces every training loop shares: atomic writes, the learning-rate schedule, seeds, run folders, ranks and
+# > the per-step batch loader that feeds a GPU.
+
+# %%
+#| default_exp training
+
+# %%
+#| export
+from __future__ import annotations
+import hashlib, json, math, os, re, socket, tempfile, time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+import torch
+from torch import Tensor
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+# %%
+from fastcore.test import test_eq, test_close, test_fail
+
+# %% [markdown]
+# ## Atomic writes
+# Every file ns_vit writes (checkpoints, run states, caches, reports) goes through `atomic_save`: written to a
+# temporary file in the same folder, then renamed, so a crash (or `kill -9`) never leaves half a file. The temporary
+# name carries the writer's host and process id (`.<name>.<host>-<pid>.<random>.tmp`), so `clean_tmp` can tell an
+# orphan (its process is gone, or it is older than a day) from a file another process is still writing. The file gets
+# the usual mode (0666 minus the umask) after the saver ran: some savers (safetensors) create their file 0600.
+
+# %%
+#| export
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]  # tags temp files with their writer's host
+_TMP = re.compile(r'^\.(?P<name>.+)\.(?P<host>[0-9a-f]{6})-(?P<pid>\d+)\.[^.]+\.tmp$')
+
+def atomic_save(obj, path: str | Path, saver=torch.save) -> Path:
+    "Write `obj` to `path` with `saver(obj, tmp_path)` then rename, so readers never see a partial file."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.{_HOST}-{os.getpid()}.', suffix='.tmp')
+    os.close(fd)
+    umask = os.umask(0); os.umask(umask)
+    try:
+        saver(obj, tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # after the saver: mkstemp and some savers (safetensors) make 0600 files
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp): os.remove(tmp)
+    return path
+
+def _alive(pid: int) -> bool:
+    "True if process `pid` exists on this host."
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True  # someone else's process
+    return True
+
+def clean_tmp(folder: str | Path, *, max_age_s: float = 86400, recursive: bool = False) -> list[Path]:
+    "Remove orphaned `atomic_save` temp files in `folder`: their process on this host is gone, or older than `max_age_s`."
+    folder, removed = Path(folder), []
+    if not folder.is_dir(): return removed
+    for f in (folder.rglob('.*.tmp') if recursive else folder.glob('.*.tmp')):
+        m = _TMP.match(f.name)
+        try: age = time.time() - f.stat().st_mtime
+        except FileNotFoundError: continue  # renamed by its writer meanwhile
+        dead = m is not None and m['host'] == _HOST and not _alive(int(m['pid']))
+        if dead or age > max_age_s:
+            f.unlink(missing_ok=True); removed.append(f)
+    return removed
+
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    p = atomic_save({'a': torch.ones(2)}, Path(d) / 'x.pt')
+    test_eq(torch.load(p, weights_only=True)['a'], torch.ones(2))
+    test_eq([f.name for f in Path(d).iterdir()], ['x.pt'])  # no temp file left behind
+    def failing(o, p): Path(p).write_text('half'); raise RuntimeError('crash while writing')
+    test_fail(lambda: atomic_save(1, Path(d) / 'x.pt', failing), contains='crash')
+    test_eq(torch.load(p, weights_only=True)['a'], torch.ones(2))  # the old file survives a failed write
+    test_eq([f.name for f in Path(d).iterdir()], ['x.pt'])
+    def private(o, p): os.remove(p); fd = os.open(p, os.O_CREAT | os.O_WRONLY, 0o600); os.write(fd, b'x'); os.close(fd)
+    umask = os.umask(0o022); atomic_save(None, Path(d) / 'y.bin', private); os.umask(umask)
+    test_eq(oct(os.stat(Path(d) / 'y.bin').st_mode & 0o777), '0o644')  # a 0600 saver still gives 0644 under umask 022
+
+# %% [markdown]
+# A `kill -9` during a write leaves the temp file behind. `clean_tmp` removes it once its process is gone (or it is
+# a day old), and leaves alone the temp file of a process that is still writing:
+
+# %%
+import subprocess, sys
+with tempfile.TemporaryDirectory() as d:
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+    orphan = Path(d) / f'.x.pt.{_HOST}-{int(dead.stdout)}.abcd1234.tmp'; orphan.write_bytes(b'half')
+    mine = Path(d) / f'.y.pt.{_HOST}-{os.getpid()}.abcd1234.tmp'; mine.write_bytes(b'half')
+    old = Path(d) / '.z.pt.q1w2e3r4.tmp'; old.write_bytes(b'half'); os.utime(old, (0, 0))  # an old-style name, 1970
+    test_eq(sorted(f.name for f in clean_tmp(d)), sorted([orphan.name, old.name]))
+    test_eq([f.name for f in Path(d).iterdir()], [mine.name])  # a live writer's file stays
+
+
+# %% [markdown]
+# ## Schedule and seeds
+
+# %%
+#| export
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    "Learning-rate multiplier: linear warm-up for `warmup` steps, then cosine decay to 0 at `total`."
+    if step < warmup: return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+def seed_of(*parts: int) -> int:
+    "A 48-bit seed derived from `parts` (run seed, step, round, ...): independent streams without collisions."
+    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:12], 16)
+
+
+# %%
+test_close(cosine_lr(0, 100, 10), 0.1); test_close(cosine_lr(10, 100, 10), 1.0); test_close(cosine_lr(100, 100, 10), 0.0)
+test_eq(seed_of(0, 1), seed_of(0, 1)); assert seed_of(0, 1) != seed_of(1, 0)
+
+
+# %% [markdown]
+# ## Ranks and run folders
+
+# %%
+#| export
+def rank_world() -> tuple[int, int]:
+    "(rank, world size); (0, 1) outside torch.distributed."
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+def claim_run_dir(run_dir: str | Path, spec: dict) -> Path:
+    "Create `run_dir` for `spec`, or check that the run already in it was made with the same spec."
+    run_dir = Path(run_dir); run_dir.mkdir(parents=True, exist_ok=True)
+    f = run_dir / 'run.json'
+    old, new = (json.loads(f.read_text()) if f.exists() else None), json.loads(json.dumps(spec))
+    if old is not None and old != new:
+        flat = lambda d: {f'{k}.{q}': w for k, v in d.items() for q, w in (v.items() if isinstance(v, dict) else [('', v)])}
+        a, b = flat(old), flat(new)
+        diff = ', '.join(f"{k.rstrip('.')}: {a.get(k)!r} → {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+        raise ValueError(f'{run_dir} holds a run with other parameters ({diff}; see {f}): resume it with its own '
+                         'parameters, pass another `out`, or delete the folder')
+    if rank_world()[0] == 0: atomic_save(spec, f, lambda o, p: Path(p).write_text(json.dumps(o, indent=2)))
+    return run_dir
+
+@contextmanager
+def file_lock(folder: str | Path, name: str = '.lock'):
+    "An exclusive lock on `folder` (file `name` in it, created if missing): another process asking for it waits instead of racing."
+    try: import fcntl
+    except ImportError: yield; return  # no POSIX locks (Windows): nothing is shared between processes there
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with open(Path(folder) / name, 'a') as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try: yield
+        finally: fcntl.flock(fh, fcntl.LOCK_UN)
+
+@contextmanager
+def run_lock(run_dir: str | Path):
+    "`file_lock` on a run folder for a single process: a second process asking for the same run waits, then reuses it."
+    if rank_world()[1] > 1: yield; return  # under torchrun every rank trains the run together
+    with file_lock(run_dir): yield
+
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    claim_run_dir(Path(d) / 'r', dict(a=1)); claim_run_dir(Path(d) / 'r', dict(a=1))  # same spec: reused
+    test_fail(lambda: claim_run_dir(Path(d) / 'r', dict(a=2)), contains='other parameters (a: 1 → 2;')
+    claim_run_dir(Path(d) / 'c', dict(config=dict(lr=1e-3), b=0))
+    test_fail(lambda: claim_run_dir(Path(d) / 'c', dict(config=dict(lr=2e-3), b=0)), contains='config.lr: 0.001 → 0.002')
+    import fcntl
+    with run_lock(Path(d) / 'r'), open(Path(d) / 'r' / '.lock') as other:  # a second holder is refused while the lock is held
+        test_fail(lambda: fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB))
+    with open(Path(d) / 'r' / '.lock') as other: fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released afterwards
+
+
+# %% [markdown]
+# ## Batches by step
+# A run's batches are a function of (seed, step): seeded epoch permutations of the training set, the global batch of
+# each step split across ranks (`rank::world`, a distributed sampler). Resuming at step k gives exactly the batches
+# an uninterrupted run would have seen. In-memory CIFAR-sized tensors are indexed directly; a file-backed dataset
+# (an ImageNet ImageFolder) goes through a `DataLoader` with workers, pinned memory when feeding a GPU, and
+# prefetching, so decoding JPEGs runs in parallel with the training step instead of before it.
+
+# %%
+#| export
+def step_indices(n: int, step: int, batch_size: int, seed: int) -> Tensor:
+    "This rank's indices of the global batch of `step`: seeded epoch permutations of range(n), split across ranks."
+    per_epoch = n // batch_size
+    if per_epoch == 0: raise ValueError(f'{n} items are fewer than one batch of {batch_size}')
+    epoch, off = divmod(step, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed_of(seed, epoch)))
+    glob = order[off * batch_size:(off + 1) * batch_size]
+    rank, world = rank_world()
+    return glob[rank::world]
+
+class StepBatchSampler(Sampler):
+    "Yields the index batch of every step from `start` to `end` (a batch sampler for `DataLoader`)."
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, end: int):
+        self.n, self.batch_size, self.seed, self.start, self.end = n, batch_size, seed, start, end
+    def __len__(self) -> int: return max(0, self.end - self.start)
+    def __iter__(self) -> Iterator[list[int]]:
+        for s in range(self.start, self.end): yield step_indices(self.n, s, self.batch_size, self.seed).tolist()
+
+def step_batches(data: Dataset, batch_size: int, seed: int, start: int, end: int, num_workers: int = 0,
+                 pin_memory: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+    "(images (B, C, H, W) in [0, 1], labels) for steps start..end-1; tensors in memory, files through workers."
+    if callable(getattr(data, 'tensors', None)):  # UInt8Images: one gather per batch beats any loader
+        for s in range(start, end): yield data.tensors(step_indices(len(data), s, batch_size, seed))
+        return
+    sampler = StepBatchSampler(len(data), batch_size, seed, start, end)
+    yield from DataLoader(data, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                          persistent_workers=False, prefetch_factor=4 if num_workers else None)
+
+
+# %%
+from torch.utils.data import TensorDataset
+class _Tensors:  # the UInt8Images protocol
+    def __init__(self, x, y): self.x, self.y = x, y
+    def __len__(self): return len(self.x)
+    def tensors(self, idx): return self.x[idx], self.y[idx]
+xs, ys = torch.rand(50, 3, 4, 4), torch.arange(50)
+a = list(step_batches(_Tensors(xs, ys), 8, 0, 0, 14))
+b = list(step_batches(TensorDataset(xs, ys), 8, 0, 0, 14))                 # through a DataLoader
+c = list(step_batches(TensorDataset(xs, ys), 8, 0, 5, 14, num_workers=2))  # resumed at step 5, with workers
+test_eq(len(a), 14); test_eq([y for _, y in a], [y for _, y in b])
+for (x1, y1), (x2, y2) in zip(a[5:], c): test_eq(y1, y2); test_eq(x1, x2)
+epoch0 = torch.cat([y for _, y in a[:6]])  # 6 batches of 8 per epoch of 50: no repeats inside an epoch
+test_eq(len(set(epoch0.tolist())), 48)
+test_fail(lambda: step_indices(5, 0, 8, 0), contains='fewer than one batch')
+
+
+# %% [markdown]
+# One batch by indices (the noise batch of a round), through workers when the dataset reads files:
+
+# %%
+#| export
+def gather(data: Dataset, idx: Tensor, num_workers: int = 0) -> tuple[Tensor, Tensor]:
+    "Images (B, C, H, W) in [0, 1] and labels for indices `idx` of an in-memory or file-backed dataset."
+    if callable(getattr(data, 'tensors', None)): return data.tensors(idx)
+    sub = torch.utils.data.Subset(data, [int(i) for i in idx])
+    return next(iter(DataLoader(sub, batch_size=max(1, len(sub)), num_workers=num_workers)))
+
+
+# %%
+test_eq(gather(_Tensors(xs, ys), torch.tensor([3, 1]))[1], torch.tensor([3, 1]))
+test_eq(gather(TensorDataset(xs, ys), torch.tensor([3, 1]), num_workers=1)[0], xs[[3, 1]])

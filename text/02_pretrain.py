@@ -1,0 +1,195 @@
+# %% [markdown]
+# # Pretraining the embedded default ViT
+# > Train the small CIFAR-10 ViT that every embedded experiment studies, from scratch, on the CPU, resumably.
+
+# %%
+#| default_exp pretrain
+
+# %%
+#| export
+from __future__ import annotations
+import math, time
+from dataclasses import dataclass, asdict
+from pathlib import Path
+import torch
+from torch import nn, Tensor
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from ns_vit.data import UInt8Images, augment
+from ns_vit.training import atomic_save, cosine_lr
+from ns_vit.models import PixelViT, accuracy, model_device
+
+# %%
+#| hide
+import tempfile
+from fastcore.test import test_eq, test_close, test_fail
+
+
+# %% [markdown]
+# The paper finetunes ImageNet-pretrained ViTs. Here nothing can be downloaded, so the embedded default experiment
+# pretrains its own small ViT: 8×8 patches on 32×32 images (16 tokens), D = 128 < C·P² = 192, so the patch embedding
+# has a 64-dimensional nullspace. The recipe is the usual one for ViTs from scratch: AdamW, linear warm-up then cosine
+# decay, label smoothing, random crop + flip.
+
+# %% [markdown]
+# ## The training loop
+
+# %%
+#| export
+@dataclass
+class TrainConfig:
+    "Hyper-parameters of supervised training."
+    epochs: int = 40  # passes over the training set
+    batch_size: int = 256  # images per step
+    lr: float = 2e-3  # peak AdamW learning rate
+    weight_decay: float = 0.05  # AdamW weight decay
+    warmup_epochs: float = 3.0  # linear warm-up length
+    label_smoothing: float = 0.1  # cross-entropy label smoothing
+    seed: int = 0  # seeds initial order, augmentation and everything random
+
+
+
+# %%
+#| export
+def _state(model, opt, sched, epoch, history) -> dict:
+    "Everything needed to resume at the start of `epoch`."
+    return dict(model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(), epoch=epoch,
+                history=history, rng=torch.get_rng_state())
+
+def train_epoch(model: PixelViT, data: UInt8Images, opt, sched, cfg: TrainConfig, epoch: int, quiet: bool = False) -> float:
+    "One pass over `data` in a seeded order with batch augmentation; returns the mean training loss."
+    dev = model_device(model); model.train()
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+    order = torch.randperm(len(data), generator=g)
+    total, n = 0.0, 0
+    for i in tqdm(range(0, len(order) - cfg.batch_size + 1, cfg.batch_size), desc=f'epoch {epoch}', leave=False, disable=quiet):
+        x, y = data.tensors(order[i:i + cfg.batch_size])
+        x = augment(x, generator=g).to(dev)  # (B, 3, 32, 32)
+        loss = F.cross_entropy(model(x), y.to(dev), label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
+        total, n = total + loss.item(), n + 1
+    return total / max(n, 1)
+
+
+# %%
+#| export
+def train_classifier(model: PixelViT, train: UInt8Images, cfg: TrainConfig, val: UInt8Images | None = None,
+                     state_path: str | Path | None = None, quiet: bool = False, stop_after: int | None = None) -> list[dict]:
+    "Train `model` on `train`; checkpoint to `state_path` after each epoch and resume from it; returns history."
+    torch.manual_seed(cfg.seed)
+    steps = (len(train) // cfg.batch_size) * cfg.epochs
+    if steps == 0: raise ValueError(f'{len(train)} training images is fewer than one batch of {cfg.batch_size}')
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = int(cfg.warmup_epochs * len(train) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, warm))
+    start, history = 0, []
+    if state_path and Path(state_path).exists():
+        st = torch.load(state_path, map_location='cpu', weights_only=True)
+        model.load_state_dict(st['model']); opt.load_state_dict(st['opt']); sched.load_state_dict(st['sched'])
+        start, history = st['epoch'], st['history']; torch.set_rng_state(st['rng'])
+    end = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)  # stop_after: simulate a kill (tests)
+    for epoch in tqdm(range(start, end), desc='pretrain', disable=quiet, initial=start, total=cfg.epochs):
+        t0 = time.time()
+        loss = train_epoch(model, train, opt, sched, cfg, epoch, quiet=True)
+        rec = dict(epoch=epoch + 1, loss=loss, lr=sched.get_last_lr()[0], seconds=time.time() - t0)
+        if val is not None: rec['val_acc'] = accuracy(model, *val.tensors())
+        history.append(rec)
+        if not quiet: print(rec, flush=True)
+        if state_path: atomic_save(_state(model, opt, sched, epoch + 1, history), state_path)
+    return history
+
+
+# %% [markdown]
+# A tiny run learns a separable toy problem, and a run interrupted after one epoch resumes to the same weights as an
+# uninterrupted run:
+
+# %%
+from ns_vit.models import create_vit
+def _toy(n=256):
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(n) % 2
+    imgs = (torch.rand(n, 32, 32, 3, generator=g) * 100 + 155 * y[:, None, None, None]).to(torch.uint8)
+    return UInt8Images(imgs, y, ('dark', 'light'))
+def _tiny(): 
+    torch.manual_seed(0)
+    return create_vit('vit_tiny_patch16_224', img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=2)
+cfg = TrainConfig(epochs=2, batch_size=32, lr=1e-3, warmup_epochs=0.5)
+toy = _toy()
+m_full = _tiny(); train_classifier(m_full, toy, cfg, quiet=True)
+test_eq(accuracy(m_full, *toy.tensors()) > 0.9, True)
+with tempfile.TemporaryDirectory() as d:
+    m_a = _tiny(); train_classifier(m_a, toy, cfg, state_path=Path(d) / 's.pt', quiet=True, stop_after=1)
+    test_eq(torch.load(Path(d) / 's.pt', weights_only=True)['epoch'], 1)
+    m_b = _tiny(); hist = train_classifier(m_b, toy, cfg, state_path=Path(d) / 's.pt', quiet=True)  # resumes
+test_eq([h['epoch'] for h in hist], [1, 2])
+for k, v in m_full.state_dict().items(): test_close(m_b.state_dict()[k], v, eps=1e-6)
+test_fail(lambda: train_classifier(_tiny(), toy, TrainConfig(batch_size=1000)), contains='fewer than one batch')
+
+# %% [markdown]
+# ## Experiment: the embedded default model
+# `papermill nbs/02_pretrain.ipynb /dev/null` trains the default model on the 50,000 CIFAR-10 training images and
+# writes `data/default_vit.safetensors` with its card (command, recipe, measured test accuracy) and
+# `reports/pretrain/`. With `-p smoke True` (and under `nbdev_test`) it trains briefly on a subset and writes under
+# `runs/smoke/` instead, leaving the committed weights alone.
+
+# %% tags=["parameters"]
+epochs: int = 40  # passes over the 50,000 training images
+batch_size: int = 256  # images per step
+lr: float = 2e-3  # peak AdamW learning rate
+weight_decay: float = 0.05  # AdamW weight decay
+warmup_epochs: float = 3.0  # linear warm-up, in epochs
+label_smoothing: float = 0.1  # cross-entropy label smoothing
+seed: int = 0  # seed of initialisation, data order and augmentation
+threads: int = 2  # CPU threads for torch
+device: str = 'cpu'  # 'cpu', 'cuda', 'cuda:1', ...
+smoke: bool = False  # tiny run for tests: 1 epoch on 1,024 images, written under runs/smoke/
+
+# %%
+import os, json, sys, time
+import pandas as pd, matplotlib.pyplot as plt
+from ns_vit.data import cifar10, repo_root
+from ns_vit.models import default_vit, save_checkpoint, model_card, DEFAULT_ARCH, DEFAULT_ARCH_KWARGS, DEFAULT_CHECKPOINT
+from ns_vit.report import report_dir, write_meta, save_table, save_figure, in_test, write_json
+smoke = smoke or in_test()
+if smoke: epochs, n_train, n_test = 1, 1024, 1000
+else: n_train, n_test = 50_000, 10_000
+torch.set_num_threads(threads)
+params = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+              label_smoothing=label_smoothing, seed=seed, device=device, smoke=smoke)
+root = repo_root()
+run_dir = root / ('runs/smoke/pretrain' if smoke else 'runs/pretrain'); run_dir.mkdir(parents=True, exist_ok=True)
+out = (run_dir / 'default_vit.safetensors') if smoke else root / DEFAULT_CHECKPOINT
+rep = report_dir('pretrain', smoke)
+t0 = time.time()
+
+# %%
+train_ds, test_ds = cifar10('train').subset(n_train, seed), cifar10('test').subset(n_test, seed)
+cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+                  label_smoothing=label_smoothing, seed=seed)
+torch.manual_seed(seed)
+model = default_vit().to(device)
+history = train_classifier(model, train_ds, cfg, val=test_ds if smoke else None,
+                           state_path=run_dir / f'state-{"-".join(f"{k}={v}" for k, v in params.items())}.pt')
+
+# %%
+test_acc = accuracy(model, *test_ds.tensors())
+train_acc = accuracy(model, *train_ds.subset(10_000, 1).tensors())
+print(f'test accuracy {test_acc:.4f} on {len(test_ds)} images; train accuracy {train_acc:.4f} (10k subset)')
+cmd = 'papermill nbs/02_pretrain.ipynb /dev/null' + ''.join(f' -p {k} {v}' for k, v in params.items() if k != 'smoke')
+card = model_card(model, DEFAULT_ARCH, DEFAULT_ARCH_KWARGS, data='CIFAR-10 train (50,000 JPEG-encoded images)',
+                  recipe=asdict(cfg), command=cmd, metrics={'test_acc': test_acc, 'test_images': len(test_ds),
+                  'train_acc_10k': train_acc}, wall_time_s=round(time.time() - t0), device=str(device),
+                  params=sum(p.numel() for p in model.parameters()))
+save_checkpoint(model.cpu(), out, card)
+print(f'wrote {out} ({out.stat().st_size / 1e6:.1f} MB)')
+
+# %%
+hist = pd.DataFrame(history)
+fig, ax = plt.subplots(figsize=(5, 3))
+ax.plot(hist.epoch, hist.loss, label='train loss'); ax.set_xlabel('epoch'); ax.set_ylabel('loss')
+ax.set_title(f'default ViT pretraining: test acc {test_acc:.1%}'); ax.legend()
+save_figure(fig, rep, 'pretrain_loss'); plt.close(fig)
+save_table(pd.DataFrame([{'test_acc': test_acc, 'train_acc_10k': train_acc, 'epochs': epochs, 'params': card['params'],
+                          'wall_time_s': card['wall_time_s']}]), rep, 'pretrain')
+write_meta(rep, params, t0, device)
+assert 0.0 <= test_acc <= 1.0
