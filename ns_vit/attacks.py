@@ -5,6 +5,7 @@
 # %% ../nbs/06a_attacks.ipynb #e24cb1d5
 from __future__ import annotations
 import inspect, math
+from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
@@ -15,9 +16,10 @@ from .models import as_vit, model_device
 from .attention import record_attention, token_layout
 
 # %% auto #0
-__all__ = ['ATTACKS', 'LINF_ATTACKS', 'ATTACK_PRESETS', 'margin', 'fmt_eps', 'default_alpha', 'CWL2', 'CWInf', 'num_classes',
-           'make_attack', 'patch_size', 'patch_mask', 'default_attn_layers', 'select_patches', 'patch_fool',
-           'attack_settings', 'attack_label', 'run_attack', 'adversarial_accuracy']
+__all__ = ['ATTACKS', 'PCGRAD_MODES', 'LINF_ATTACKS', 'ATTACK_PRESETS', 'margin', 'fmt_eps', 'default_alpha', 'CWSearch',
+           'cw_l2_search', 'CWL2', 'CWInf', 'num_classes', 'make_attack', 'patch_size', 'patch_mask',
+           'default_attn_layers', 'select_patches', 'patch_fool', 'attack_settings', 'attack_label', 'run_attack',
+           'adversarial_accuracy']
 
 # %% ../nbs/06a_attacks.ipynb #96629146
 def margin(logits: Tensor, labels: Tensor) -> Tensor:
@@ -36,28 +38,61 @@ def default_alpha(eps: float, steps: int) -> float:
     return max(eps / 4, 2.5 * eps / max(steps, 1))
 
 # %% ../nbs/06a_attacks.ipynb #26499885
+def _cw_descent(logits_fn, x: Tensor, y: Tensor, c: Tensor, *, kappa: float, steps: int, lr: float,
+                edge: float) -> tuple[Tensor, Tensor]:
+    "One CW optimisation from x at per-image constants c (B,): (closest misclassified x′ seen, else x; its squared L2, else inf)."
+    w = torch.atanh(2 * x.clamp(edge, 1 - edge) - 1).requires_grad_(True)  # (B, C, H, W), finite
+    opt = torch.optim.Adam([w], lr=lr)
+    best, best_sq = x.clone(), torch.full((len(x),), math.inf, device=x.device)
+    for _ in range(steps):
+        adv = (torch.tanh(w) + 1) / 2
+        l2sq = (adv - x).flatten(1).pow(2).sum(1)  # (B,)
+        logits = logits_fn(adv)
+        cost = l2sq + c * margin(logits, y).clamp(min=-kappa)
+        opt.zero_grad(); cost.sum().backward(); opt.step()
+        with torch.no_grad():
+            better = (logits.argmax(1) != y) & (l2sq < best_sq)  # misclassified and closer than before
+            best_sq = torch.where(better, l2sq, best_sq); best[better] = adv[better]
+    return best.detach(), best_sq
+
+class CWSearch(NamedTuple):
+    "Per-image result of `cw_l2_search`."
+    adv: Tensor  # (B, C, H, W): the closest misclassified x′ found, x where none was
+    l2: Tensor  # (B,): ‖x′ − x‖₂, inf where no misclassified x′ was found
+    c_low: Tensor  # (B,): the largest c at which the attack failed (0 if it never failed)
+    c_high: Tensor  # (B,): the smallest c at which it succeeded (inf if it never did)
+
+def cw_l2_search(model, images: Tensor, labels: Tensor, *,  # model: any callable images → logits
+                 c: float = 1.0,  # the first constant tried, per image
+                 search_steps: int = 9,  # optimisations per image, each from x (C&W: 9)
+                 steps: int = 100, lr: float = 0.01, kappa: float = 0.0, edge: float = 0.5 / 255) -> CWSearch:
+    "CW-L2 with Carlini & Wagner's binary search over c per image: the closest misclassified x′ of all searches and c's bracket."
+    if not c > 0: raise ValueError(f'c must be > 0, got {c}')
+    if search_steps < 1: raise ValueError(f'search_steps must be ≥ 1, got {search_steps}')
+    x, y = images.detach(), labels.to(images.device)
+    cc = torch.full((len(x),), float(c), device=x.device)  # (B,)
+    lo, hi = torch.zeros_like(cc), torch.full_like(cc, math.inf)
+    best, best_sq = x.clone(), torch.full_like(cc, math.inf)
+    for _ in range(search_steps):
+        adv, sq = _cw_descent(model, x, y, cc, kappa=kappa, steps=steps, lr=lr, edge=edge)
+        won = sq < math.inf  # misclassified at some step with this c
+        closer = sq < best_sq; best[closer] = adv[closer]; best_sq = torch.minimum(best_sq, sq)
+        hi, lo = torch.where(won, torch.minimum(hi, cc), hi), torch.where(won, lo, torch.maximum(lo, cc))
+        cc = torch.where(hi < math.inf, (lo + hi) / 2, cc * 10)  # bisect once bracketed, else 10× (C&W §VI)
+    return CWSearch(best, best_sq.sqrt(), lo, hi)
+
 class CWL2(Attack):
-    "Untargeted CW-L2 with a fixed `c`: Adam on tanh-space w, `steps` steps; the smallest-L2 misclassified x′ seen."
+    "Untargeted CW-L2: Adam on tanh-space w, `steps` steps at a fixed `c` (or C&W's binary search); the smallest-L2 misclassified x′."
     def __init__(self, model: nn.Module, c: float = 1.0, kappa: float = 0.0, steps: int = 100, lr: float = 0.01,
-                 edge: float = 0.5 / 255):  # pixels start at least `edge` inside [0, 1] so that they can move
+                 edge: float = 0.5 / 255,  # pixels start at least `edge` inside [0, 1] so that they can move
+                 search_steps: int = 1):  # 1: fixed c; > 1: binary search over c starting at `c` (`cw_l2_search`)
         super().__init__('CWL2', model)
-        self.c, self.kappa, self.steps, self.lr, self.edge = c, kappa, steps, lr, edge
+        self.c, self.kappa, self.steps, self.lr, self.edge, self.search_steps = c, kappa, steps, lr, edge, search_steps
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
         x, y = images.clone().detach().to(self.device), labels.clone().detach().to(self.device)
-        w = torch.atanh(2 * x.clamp(self.edge, 1 - self.edge) - 1).requires_grad_(True)  # (B, C, H, W), finite
-        opt = torch.optim.Adam([w], lr=self.lr)
-        best, best_l2 = x.clone(), torch.full((len(x),), math.inf, device=x.device)
-        for _ in range(self.steps):
-            adv = (torch.tanh(w) + 1) / 2
-            l2sq = (adv - x).flatten(1).pow(2).sum(1)  # (B,)
-            logits = self.get_logits(adv)
-            cost = l2sq + self.c * margin(logits, y).clamp(min=-self.kappa)
-            opt.zero_grad(); cost.sum().backward(); opt.step()
-            with torch.no_grad():
-                better = (logits.argmax(1) != y) & (l2sq < best_l2)  # misclassified and closer than before
-                best_l2 = torch.where(better, l2sq, best_l2); best[better] = adv[better]
-        return best.detach()
+        return cw_l2_search(self.get_logits, x, y, c=self.c, search_steps=self.search_steps, steps=self.steps,
+                            lr=self.lr, kappa=self.kappa, edge=self.edge).adv
 
 # %% ../nbs/06a_attacks.ipynb #59e54bec
 class CWInf(Attack):
@@ -97,6 +132,7 @@ def _autoattack(model: nn.Module, eps: float, norm: str, version: str, n_classes
 
 def make_attack(model: nn.Module, name: str, eps: float = 8 / 255, steps: int = 10, alpha: float | None = None,
                 cw_c: float = 1.0, cw_lr: float = 0.01, cw_kappa: float = 0.0,
+                cw_search_steps: int = 1,  # 'cw': 1 = fixed c; > 1 = C&W's binary search over c from cw_c
                 norm: str = 'Linf', version: str = 'standard', n_classes: int | None = None, seed: int = 0,
                 n_target_classes: int | None = None, n_queries: int = 5000) -> Attack:
     "A torchattacks-style attack on a [0, 1]-input model, by name (see `ATTACKS`); every budget explicit."
@@ -105,7 +141,7 @@ def make_attack(model: nn.Module, name: str, eps: float = 8 / 255, steps: int = 
     if name == 'fgsm': return torchattacks.FGSM(model, eps=eps)
     if name == 'pgd': return torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
     if name == 'tpgd': return torchattacks.TPGD(model, eps=eps, alpha=alpha, steps=steps)
-    if name == 'cw': return CWL2(model, c=cw_c, kappa=cw_kappa, steps=steps, lr=cw_lr)
+    if name == 'cw': return CWL2(model, c=cw_c, kappa=cw_kappa, steps=steps, lr=cw_lr, search_steps=cw_search_steps)
     if name == 'cw_torchattacks': return torchattacks.CW(model, c=cw_c, kappa=cw_kappa, steps=steps, lr=cw_lr)
     if name == 'cw_inf': return CWInf(model, eps=eps, alpha=alpha, steps=steps, kappa=cw_kappa)
     if name == 'autoattack':
@@ -156,6 +192,8 @@ def select_patches(model: nn.Module, images: Tensor, labels: Tensor, num_patch: 
     return score.argsort(1, descending=True)[:, :num_patch]
 
 # %% ../nbs/06a_attacks.ipynb #958eb570
+PCGRAD_MODES = ('projection', 'original', 'none')
+
 def _pcgrad(a: Tensor, c: Tensor, mode: str = 'projection') -> Tensor:
     "Per image, remove from `a` its component along `c` where they conflict (a·c < 0); 'original': Patch-Fool's scale."
     if mode == 'none': return a
@@ -228,13 +266,14 @@ def _init_replacement(x: Tensor, inside: Tensor, mild_linf: float, mild_l2: floa
 def patch_fool(model: nn.Module, images: Tensor, labels: Tensor, num_patch: int = 1, select: str = 'attn',
                loss: str = 'attention',  # 'attention': CE + attention-aware loss; 'ce': CE only
                attn_weight: float = 0.002, attn_layer: int | None = None, attn_loss_layers: list[int] | None = None,
-               pcgrad: str = 'projection',  # 'projection', 'original' (Patch-Fool's scale) or 'none'
+               pcgrad: str = 'projection',  # 'projection', 'original' (the original code's, batch means) or 'none'
                steps: int = 250, lr: float = 0.22, step_size: int = 10, gamma: float = 0.95,  # Adam, StepLR
                mild_linf: float = 0.0, mild_l2: float = 0.0,  # > 0: bounded perturbation of the patch pixels
                sparse_pixels: int = 0, random_sparse: bool = False, mask_stop: int = 200, mask_lr: float = 0.01,
                return_patches: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     "Patch-Fool adversarial images (B, C, H, W) in [0, 1]; with `return_patches` also the patch indices (B, num_patch)."
     if loss not in ('attention', 'ce'): raise ValueError(f"loss must be 'attention' or 'ce', got {loss!r}")
+    if pcgrad not in PCGRAD_MODES: raise ValueError(f'pcgrad must be one of {PCGRAD_MODES}, got {pcgrad!r}')
     was_training = model.training; model.eval()
     x, y = images.detach(), labels.to(images.device)
     n_prefix = token_layout(model)[0]
@@ -245,14 +284,16 @@ def patch_fool(model: nn.Module, images: Tensor, labels: Tensor, num_patch: int 
     mean, std = _norm_stats(model, x)
     u = ((_init_replacement(x, inside, mild_linf, mild_l2) - mean) / std).requires_grad_(True)  # normalised units
     opt = torch.optim.Adam([u], lr=lr); sched = torch.optim.lr_scheduler.StepLR(opt, step_size, gamma)
+    per = 1 / len(x) if pcgrad == 'original' else 1.0  # 'original': the original's batch means, else per-image sums
     sparse = _SparseMask(inside, sparse_pixels, random_sparse, mask_stop, mask_lr, math.prod(patch_size(model)) * num_patch)
     try:
         with record_attention(model) as rec:
             for it in range(steps):
                 m = sparse.mask(it)  # (B, 1, H, W); straight-through while the mask learns
                 rec.clear(); logits = model(x + (mean + std * u - x) * m)
-                atts = [_attention_loss(rec.maps[l], idx + n_prefix) for l in loss_layers]
-                grads = _ascent_grads(F.cross_entropy(logits, y, reduction='sum'), atts, [u, *sparse.params(it)], attn_weight, pcgrad)
+                atts = [per * _attention_loss(rec.maps[l], idx + n_prefix) for l in loss_layers]
+                ce = per * F.cross_entropy(logits, y, reduction='sum')
+                grads = _ascent_grads(ce, atts, [u, *sparse.params(it)], attn_weight, pcgrad)
                 opt.zero_grad(); u.grad = -grads[0]; opt.step(); sched.step()  # ascent
                 sparse.step(it, grads[1:])
                 u.data = (_project(mean + std * u.data, x, inside, mild_linf, mild_l2) - mean) / std
@@ -262,10 +303,11 @@ def patch_fool(model: nn.Module, images: Tensor, labels: Tensor, num_patch: int 
 
 # %% ../nbs/06a_attacks.ipynb #7e04770d
 _USES = {'fgsm': ('eps',), 'pgd': ('eps', 'steps', 'alpha'), 'tpgd': ('eps', 'steps', 'alpha'),
-         'cw': ('cw_c', 'cw_kappa', 'steps', 'cw_lr'), 'cw_torchattacks': ('cw_c', 'cw_kappa', 'steps', 'cw_lr'),
+         'cw': ('cw_c', 'cw_kappa', 'steps', 'cw_lr', 'cw_search_steps', 'l2_radius'), 'cw_torchattacks': ('cw_c', 'cw_kappa', 'steps', 'cw_lr'),
          'cw_inf': ('eps', 'steps', 'alpha', 'cw_kappa'),
          'autoattack': ('eps', 'norm', 'version', 'n_classes', 'steps', 'n_target_classes', 'n_queries')}
 LINF_ATTACKS = ('fgsm', 'pgd', 'tpgd', 'cw_inf')
+_SCORING = {'l2_radius': None}  # budget read by `run_attack`'s scoring, not by the attack: CW-L2 accuracy within this L2 radius
 
 def _defaults(fn) -> dict:
     return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
@@ -276,8 +318,9 @@ def attack_settings(model: nn.Module, name: str, **budget) -> dict:
     elif name in _USES: uses = _USES[name]
     else: raise ValueError(f'unknown attack {name!r}; choose from {", ".join(ATTACKS)}, patch_fool')
     if extra := set(budget) - set(uses): raise TypeError(f'{name} takes no {sorted(extra)}; its budget: {list(uses)}')
-    s = {k: (_defaults(patch_fool) if name == 'patch_fool' else _defaults(make_attack))[k] for k in uses} | budget
+    s = {k: (_defaults(patch_fool) if name == 'patch_fool' else _defaults(make_attack) | _SCORING)[k] for k in uses} | budget
     if 'alpha' in s and s['alpha'] is None: s['alpha'] = default_alpha(s['eps'], s['steps'])
+    if s.get('l2_radius') is not None and not s['l2_radius'] >= 0: raise ValueError(f"l2_radius must be ≥ 0 (or None), got {s['l2_radius']}")
     if name == 'autoattack':
         s['n_classes'] = s['n_classes'] or num_classes(model)
         s['n_target_classes'] = s['n_target_classes'] or min(9, s['n_classes'] - 1)
@@ -307,6 +350,11 @@ def attack_label(model: nn.Module, s: dict) -> str:
     if name == 'fgsm': return f'FGSM L∞ {e}'
     if name in ('pgd', 'tpgd'): return f"{'PGD' if name == 'pgd' else 'TRADES-PGD'} L∞ {e} ({s['steps']} steps)"
     if name == 'cw_inf': return f"CW∞ {e} ({s['steps']} steps)"
+    if name == 'cw' and (s['cw_search_steps'] > 1 or s['l2_radius'] is not None):
+        radius = f" ≤ {s['l2_radius']:g}" if s['l2_radius'] is not None else ''
+        search = (f"binary search over c from {s['cw_c']:g}, {s['cw_search_steps']} × {s['steps']} steps"
+                  if s['cw_search_steps'] > 1 else f"c={s['cw_c']:g}, {s['steps']} steps")
+        return f"CW-L2{radius} ({search}, κ={s['cw_kappa']:g})"
     if name in ('cw', 'cw_torchattacks'):
         return f"CW-L2{' torchattacks-unfixed' if name == 'cw_torchattacks' else ''} (c={s['cw_c']:g}, κ={s['cw_kappa']:g}, {s['steps']} steps)"
     if name == 'autoattack':
@@ -324,15 +372,28 @@ def _attack_fn(model: nn.Module, s: dict):
     atk = make_attack(model, s['attack'], **{k: v for k, v in s.items() if k in _defaults(make_attack)})
     return lambda x, y: atk(x, y)
 
+def _lower_median(v: Tensor) -> float:
+    "The lower median of a 1-d tensor (an element of it, so an infinite one stays inf); nan when empty."
+    return v.sort().values[(len(v) - 1) // 2].item() if len(v) else math.nan
+
+def _within_radius(s: dict, clean: Tensor, correct: Tensor, l2: Tensor) -> tuple[Tensor, dict]:
+    "CW-L2 read at `l2_radius`: (robust per image (N,), extras: per-image L2 to break and its median over correct images)."
+    to_break = torch.where(clean, torch.where(correct, math.inf, l2), torch.zeros_like(l2))  # (N,): 0 if wrong, inf if unbroken
+    extras = dict(l2_to_break=to_break, median_l2_to_break=_lower_median(to_break[clean]))
+    return (correct | (l2 > s['l2_radius'])) & clean, extras
+
 def _summary(model: nn.Module, s: dict, clean: Tensor, correct: Tensor, linf: Tensor, l2: Tensor) -> dict:
     "The result dict of `run_attack` from per-image outcomes (N,)."
+    extras = {}
+    if s.get('l2_radius') is not None: correct, extras = _within_radius(s, clean, correct, l2)
     flipped = clean & ~correct
     r = dict(label=attack_label(model, s), adv_accuracy=correct.float().mean().item(), n=len(correct), correct=correct,
              clean_accuracy=clean.float().mean().item(), success_rate=(flipped.sum() / clean.sum().clamp_min(1)).item(),
-             settings=s)
+             settings=s, **extras)
     name = s['attack']
     if name in LINF_ATTACKS or (name == 'autoattack' and s['norm'] == 'Linf'): r['linf_max'] = linf.max().item()
-    if name in ('cw', 'cw_torchattacks'): r['median_l2'] = l2[flipped].quantile(0.5).item() if flipped.any() else math.nan
+    if name in ('cw', 'cw_torchattacks') and not extras:  # unbounded: the median L2 of the successful adversarials
+        r['median_l2'] = l2[flipped].quantile(0.5).item() if flipped.any() else math.nan
     if name == 'patch_fool':
         (gh, gw), (ph, pw) = token_layout(model)[1], patch_size(model)
         r['patch_share'] = s['num_patch'] / (gh * gw)
@@ -368,6 +429,8 @@ def adversarial_accuracy(model: nn.Module, images: Tensor, labels: Tensor, attac
 _PATCH_FOOL = dict(name='patch_fool', num_patch=1, select='attn', loss='attention', attn_weight=0.002, steps=250,
                    lr=0.22, step_size=10, gamma=0.95)  # Fu et al.'s defaults (GATECH-EIC/Patch-Fool main.py)
 _CW = dict(name='cw', cw_c=1.0, cw_kappa=0.0, steps=100, cw_lr=0.01)
+_CW_SEARCH = _CW | dict(cw_search_steps=9, l2_radius=0.25)  # C&W's 9 searches from c = 1; radius from the sweep below
+_PATCH_FOOL_MILD = _PATCH_FOOL | dict(mild_linf=16 / 255, steps=50)  # L∞ inside the patch; ε and steps from the sweep below
 
 def _linf(eps: float, steps: int, alpha: float | None = None) -> dict:
     return dict(eps=eps, steps=steps, alpha=alpha if alpha is not None else default_alpha(eps, steps))
@@ -380,7 +443,8 @@ ATTACK_PRESETS = {
         'cw_inf_small': dict(name='cw_inf', cw_kappa=0.0, **_linf(1 / 255, 10)),
         'autoattack': dict(name='autoattack', eps=8 / 255, norm='Linf', version='standard', n_classes=10, steps=100,
                            n_target_classes=9, n_queries=5000),
-        'patch_fool': _PATCH_FOOL},
+        'patch_fool': _PATCH_FOOL,
+        'cw_search': _CW_SEARCH, 'patch_fool_mild': _PATCH_FOOL_MILD},  # discriminative beside the paper's budgets
     'imagenet': {
         'fgsm': dict(name='fgsm', eps=1 / 255),  # RVT / DAT protocol (Mao et al.)
         'pgd': dict(name='pgd', **_linf(1 / 255, 5, 0.5 / 255)),  # RVT: ε 1/255, α 0.5/255, 5 steps

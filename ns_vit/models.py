@@ -19,7 +19,7 @@ from .data import atomic_save, repo_root
 __all__ = ['DEFAULT_ARCH', 'DEFAULT_ARCH_KWARGS', 'CIFAR10_MEAN', 'CIFAR10_STD', 'DEFAULT_CHECKPOINT', 'PixelViT',
            'math_attention', 'check_vit', 'as_vit', 'read_state_dict', 'split_normalizer', 'load_vit_weights',
            'create_vit', 'model_card', 'weights_digest', 'save_checkpoint', 'load_checkpoint', 'default_vit',
-           'load_default_model', 'model_device', 'predict', 'accuracy', 'get_model']
+           'load_default_model', 'model_device', 'predict', 'accuracy', 'get_model', 'experiment_model']
 
 # %% ../nbs/01_models.ipynb #40cc385a
 class PixelViT(nn.Module):
@@ -217,3 +217,10 @@ def get_model(model: str = 'default', checkpoint: str = '', device: str | torch.
     else:
         m = create_vit(model, pretrained=True if checkpoint == 'hub' else (checkpoint or False), **kw)
     return m.to(device).eval()
+def experiment_model(model: str = 'default', checkpoint: str = '', device: str | torch.device = 'cpu', *, smoke: bool = False) -> PixelViT:
+    "An experiment's model (`get_model`); a smoke run on a clone without the default weights gets 02's smoke weights or a random init."
+    if smoke and model == 'default' and not checkpoint and not (repo_root() / DEFAULT_CHECKPOINT).exists():
+        fallback = repo_root() / 'runs/smoke/pretrain/default_vit.safetensors'  # written by 02_pretrain in smoke mode
+        return get_model('default', str(fallback), device) if fallback.exists() else default_vit().to(device).eval()
+    return get_model(model, checkpoint, device)
+

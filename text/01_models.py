@@ -345,6 +345,19 @@ def get_model(model: str = 'default', checkpoint: str = '', device: str | torch.
     else:
         m = create_vit(model, pretrained=True if checkpoint == 'hub' else (checkpoint or False), **kw)
     return m.to(device).eval()
+def experiment_model(model: str = 'default', checkpoint: str = '', device: str | torch.device = 'cpu', *, smoke: bool = False) -> PixelViT:
+    "An experiment's model (`get_model`); a smoke run on a clone without the default weights gets 02's smoke weights or a random init."
+    if smoke and model == 'default' and not checkpoint and not (repo_root() / DEFAULT_CHECKPOINT).exists():
+        fallback = repo_root() / 'runs/smoke/pretrain/default_vit.safetensors'  # written by 02_pretrain in smoke mode
+        return get_model('default', str(fallback), device) if fallback.exists() else default_vit().to(device).eval()
+    return get_model(model, checkpoint, device)
+
+
+
+# %%
+# an experiment's model is `get_model`'s; with the default weights present a smoke run gets them too
+test_eq(weights_digest(experiment_model('default', smoke=True)), weights_digest(get_model('default')))
+test_fail(lambda: experiment_model('default', '/nonexistent.safetensors'), contains='does not exist')
 
 
 # %%

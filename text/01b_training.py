@@ -1,7 +1,9 @@
 # %% [markdown]
 # # Training utilities
-# > The pieces every training loop shares: atomic writes, the learning-rate schedule, seeds, run folders, ranks and
-# > the per-step batch loader that feeds a GPU.
+# > The pieces every training loop shares: atomic writes, the learning-rate schedule, seeds, run folders and ranks.
+#
+# Also the per-step batch loader that feeds a GPU.
+#
 
 # %%
 #| default_exp training

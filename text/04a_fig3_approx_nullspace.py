@@ -28,7 +28,7 @@ import time
 import numpy as np, pandas as pd, torch, matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 from ns_vit.data import load_images, repo_root
-from ns_vit.models import get_model, default_vit, as_vit, DEFAULT_CHECKPOINT
+from ns_vit.models import get_model, default_vit, as_vit, DEFAULT_CHECKPOINT, experiment_model
 from ns_vit.noise import embed_shape, noise_influence, synthesize_noise, permute_noise, gaussian_like
 from ns_vit.report import report_dir, write_meta, save_table, save_figure, in_test
 
@@ -59,12 +59,7 @@ params = dict(lams=lams, model=model, checkpoint=checkpoint, dataset=dataset, n_
               lim=lim, lr=lr, seed=seed, device=device, smoke=smoke)
 rep = report_dir('fig3_approx_nullspace', smoke)
 t0 = time.time()
-if smoke and model == 'default' and not checkpoint and not (repo_root() / DEFAULT_CHECKPOINT).exists():
-    # smoke runs only (tests on a clone without the trained weights): use the 1-epoch checkpoint written by
-    # `02_pretrain` in smoke mode if present, else a random-init default ViT. Real runs need the real weights.
-    fallback = repo_root() / 'runs/smoke/pretrain/default_vit.safetensors'
-    net = get_model('default', str(fallback), device) if fallback.exists() else default_vit().to(device).eval()
-else: net = get_model(model, checkpoint, device)
+net = experiment_model(model, checkpoint, device, smoke=smoke)  # smoke runs on a clone without the weights: a stand-in
 N, D = embed_shape(net)
 
 # %% [markdown]

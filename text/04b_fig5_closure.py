@@ -26,7 +26,7 @@ import time
 import numpy as np, pandas as pd, torch, matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 from ns_vit.data import load_images, repo_root
-from ns_vit.models import get_model, default_vit, as_vit, DEFAULT_CHECKPOINT
+from ns_vit.models import get_model, default_vit, as_vit, DEFAULT_CHECKPOINT, experiment_model
 from fastcore.test import test_close
 from ns_vit.noise import embed_shape, embed_forward, noise_influence, prob_change, eps_noise
 from ns_vit.report import report_dir, write_meta, save_table, save_figure, in_test
@@ -66,12 +66,7 @@ params = dict(eps=eps, n_noises=n_noises, alpha_max=alpha_max, n_alpha=n_alpha, 
               device=device, smoke=smoke)
 rep = report_dir('fig5_closure', smoke)
 t0 = time.time()
-if smoke and model == 'default' and not checkpoint and not (repo_root() / DEFAULT_CHECKPOINT).exists():
-    # smoke runs only (tests on a clone without the trained weights): use the 1-epoch checkpoint written by
-    # `02_pretrain` in smoke mode if present, else a random-init default ViT. Real runs need the real weights.
-    fallback = repo_root() / 'runs/smoke/pretrain/default_vit.safetensors'
-    net = get_model('default', str(fallback), device) if fallback.exists() else default_vit().to(device).eval()
-else: net = get_model(model, checkpoint, device)
+net = experiment_model(model, checkpoint, device, smoke=smoke)  # smoke runs on a clone without the weights: a stand-in
 N, D = embed_shape(net)
 
 # %%

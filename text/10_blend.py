@@ -1,7 +1,10 @@
 # %% [markdown]
 # # Watermarks and look-alike images from the nullspace
-# > Move an image towards any target (a watermark, another image) along directions the patch embedding cannot see:
-# > the model's output does not change, and the result stays a valid image in [0, 1].
+# > Move an image towards a target along directions the patch embedding cannot see, keeping the model's output.
+#
+# The target may be a watermark or another image; the model's output does not change, and the result stays a valid
+# image in [0, 1].
+#
 
 # %%
 #| default_exp applications
@@ -537,7 +540,7 @@ import time
 import pandas as pd, matplotlib.pyplot as plt
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from ns_vit.data import load_images, repo_root, CIFAR10_CLASSES
-from ns_vit.models import get_model, DEFAULT_CHECKPOINT
+from ns_vit.models import get_model, DEFAULT_CHECKPOINT, experiment_model
 from ns_vit.report import report_dir, write_meta, save_table, save_figure, in_test
 from ns_vit.stats import accuracy_ci, mean_ci, fmt_ci
 smoke = smoke or in_test()
@@ -548,10 +551,7 @@ params = dict(n_images=n_images, n_pairs=n_pairs, n_show=n_show, mark_text=mark_
               device=device, threads=threads, smoke=smoke)
 rep6, rep7 = report_dir('fig6_watermark', smoke), report_dir('fig7_lookalike', smoke)
 t0 = time.time()
-if smoke and model == 'default' and not checkpoint and not (repo_root() / DEFAULT_CHECKPOINT).exists():
-    fallback = repo_root() / 'runs/smoke/pretrain/default_vit.safetensors'  # smoke only: 1-epoch weights or random init
-    net = get_model('default', str(fallback), device) if fallback.exists() else default_vit().to(device).eval()
-else: net = get_model(model, checkpoint, device)
+net = experiment_model(model, checkpoint, device, smoke=smoke)  # smoke runs on a clone without the weights: a stand-in
 Q = patch_embed_nullspace(net)  # (k, n), pixel space
 print(null_dims(net))
 

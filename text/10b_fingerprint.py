@@ -1,7 +1,10 @@
 # %% [markdown]
 # # Model fingerprints from the patch-embedding nullspace
-# > Is a suspect ViT a copy of mine? Compare the nullspaces of the two patch embeddings (principal angles), or, with
-# > queries only, the suspect's response to my nullspace noise.
+# > Is a suspect ViT a copy of mine? Compare the nullspaces of the two patch embeddings, or probe it with nullspace noise.
+#
+# The first test compares the two nullspaces by principal angles; the second needs queries only: the suspect's response
+# to my nullspace noise.
+#
 
 # %%
 #| default_exp fingerprint

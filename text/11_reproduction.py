@@ -84,8 +84,8 @@ if smoke:
     runs_root = str(repo_root() / 'runs/smoke/finetune/reproduction'); shutil.rmtree(runs_root, ignore_errors=True)
     base_kw = dict(steps=2, batch_size=8, refresh_every=2, noise_max_steps=5, noise_batch=8, noise_stop_window=1, warmup_steps=1)
     cells = {'default': dict(overrides={}, arms=['none', 'gaussian', 'ns', 'ns-fixed'], seeds=[0, 1]),
-             'lim 8': dict(overrides={'lim': 8.0}, arms=['none', 'ns'], seeds=[0, 1])}
-    screen = {'lr 1e-3': {'lr': 0.001}}
+             'one seed': dict(overrides={}, arms=['none', 'ns'], seeds=[0])}  # the single-seed path; its runs are the default cell's
+    screen = {'lim 8': {'lim': 8.0}}  # one new run: `none` is shared
     metrics, n, mechanism_images = ['clean', 'fgsm_small'], dict(clean=16, fgsm_small=8), 8
     if dataset == 'cifar10':  # the ImageNet path on random-init weights and a fixture folder: nothing in it untested
         model, checkpoint, train_fraction = 'vit_tiny_patch16_224', '', 1.0
