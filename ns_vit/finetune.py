@@ -269,14 +269,14 @@ def _noise_round(model, data, cfg: FinetuneConfig, step: int, prev, logs: dict, 
 
 
 # %% ../nbs/05_finetune.ipynb #51b22605
-ROUND_COLUMNS = ['round', 'step', 'noise_norm', 'steps', 'images', 'mse_prob', 'converged', 'seconds',
+ROUND_COLUMNS = ['round', 'step', 'noise_norm', 'steps', 'images', 'mse_prob', 'mse_window', 'converged', 'seconds',
                  'heldout_mse_prob', 'heldout_match', 'gaussian_mse_prob', 'gaussian_match']
 
 def rounds_table(logs: dict):
     "Table 5: one row per noise round (norm, descent steps, mse_prob at the stop, and on held-out images beside Gaussian noise)."
     import pandas as pd
     cols = [c for c in ROUND_COLUMNS if any(c in r for r in logs['rounds'])] or ROUND_COLUMNS[:7]
-    return pd.DataFrame(logs['rounds'], columns=cols).rename(columns={'steps': 'steps_to_eps', 'mse_prob': 'stop_mse_prob'})
+    return pd.DataFrame(logs['rounds'], columns=cols).rename(columns={'steps': 'steps_to_eps', 'mse_prob': 'stop_mse_prob', 'mse_window': 'stop_window_mse_prob'})
 
 def heldout_summary(logs: dict, eps: float) -> dict:
     "Over the rounds: how often the noise is inside ε (and 1.5 ε) on held-out images; medians of its influence."
