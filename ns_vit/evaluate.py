@@ -266,9 +266,9 @@ def results_table(results: dict[str, pd.DataFrame], digits: int = 1) -> pd.DataF
     out.attrs['note'] = AVERAGE_NOTE
     return out
 
-AVERAGE_NOTE = ('average (robustness): the mean accuracy over the robustness columns of the row (every attack, transfer, '
-                'corruption and shifted-set column present; corruptions as accuracy, i.e. 1 − error; clean excluded), '
-                "as the paper's Table 2 averages its robustness columns.")
+AVERAGE_NOTE = ("average (robustness): the mean accuracy over the row's columns among the paper's Table 2 robustness columns "
+                '(Patch-Fool, CW-L2 and their discriminative budgets, FGSM 8/255, DamageNet, corruptions as accuracy = 1 − error, '
+                'the shifted sets); clean accuracy and the small-budget FGSM/PGD and PGD columns are not averaged.')
 
 def values_table(results: dict[str, pd.DataFrame]) -> pd.DataFrame:
     "Model rows, metric-label columns, numeric accuracies (for plots and further analysis)."
