@@ -52,6 +52,7 @@ smoke: bool = False  # tiny run for tests (written under runs/smoke/)
 
 
 # %%
+#| notest
 smoke = smoke or in_test()
 methods, overrides = param(methods), param(overrides)
 if 'ns' not in methods or not {'madry', 'trades'} & set(methods):
@@ -73,6 +74,7 @@ t0 = time.time()
 
 
 # %%
+#| notest
 table, runs, results, _ = compare_methods(configs, model=model, checkpoint=checkpoint, dataset=dataset, train_fraction=train_fraction,
                                          suite=metrics, n=n, seed=seed, device=device, quiet=smoke, runs_root=runs_root)
 table
@@ -85,6 +87,7 @@ table
 # One panel per robustness column; each point is a model, with its 95% intervals on both axes.
 
 # %%
+#| notest
 tidy = pd.concat([df[df.n > 0].assign(model=k) for k, df in results.items()], ignore_index=True)
 tidy = tidy[['model', 'metric', 'label', 'n', 'value', 'ci_low', 'ci_high']]
 clean = tidy[tidy.metric == 'clean'].set_index('model')
@@ -112,6 +115,7 @@ save_figure(fig, rep, 'table3'); plt.close(fig)
 # differences that stay significant after Holm's correction over the columns of each comparison.
 
 # %%
+#| notest
 refs = {'madry': 'Madry PGD-AT', 'trades': 'TRADES'}
 refs = {k: v for k, v in refs.items() if k in results}
 vs = pd.concat([paired_tests(results, ref).query("model == 'ns'") for ref in refs], ignore_index=True)
@@ -120,6 +124,7 @@ shown = paired_table(vs)
 shown.attrs['note']
 
 # %%
+#| notest
 shown
 
 # %% [markdown]
@@ -127,6 +132,7 @@ shown
 # Generated from the tables above: clean accuracy per method, then the verdict of each paired comparison.
 
 # %%
+#| notest
 c = clean.loc[[k for k in ('base', 'ns', *refs) if k in clean.index]]
 names = {'base': 'the base model', 'ns': 'NS', **refs}
 sentences = [f"Clean accuracy (n = {int(c.n.iloc[0])} test images, 95% intervals): " +
@@ -136,12 +142,14 @@ conclusion = ' '.join(sentences)
 print(conclusion)
 
 # %%
+#| notest
 save_table(table, rep, 'table3'); save_table(values_table(results), rep, 'table3_values')
 save_table(tradeoff, rep, 'tradeoff'); save_table(shown, rep, 'paired_tests')
 atomic_save(conclusion + '\n', rep / 'conclusion.md', lambda o, q: Path(q).write_text(o))
 write_meta(rep, params, t0, device, runs={k: r['run_dir'] for k, r in runs.items()}, conclusion=conclusion)
 
 # %%
+#| notest
 assert set(table.model) == {'base', *methods} and all(df[df.n > 0].value.between(0, 1).all() for df in results.values())
 test_metrics = set(results['ns'].metric[results['ns'].n > 0])
 assert len(vs) == len(refs) * len(test_metrics) and set(vs.reference) == set(refs) and set(vs.model) == {'ns'}

@@ -36,6 +36,7 @@ smoke: bool = False  # tiny run for tests (written under runs/smoke/)
 
 
 # %%
+#| notest
 smoke = smoke or in_test()
 eps_values, metrics, overrides = param(eps_values), param(metrics), param(overrides)
 runs_root, n = '', None  # run folders: runs/finetune/ (shared by Tables 2–4 and notebook 05)
@@ -58,6 +59,7 @@ t0 = time.time()
 
 
 # %%
+#| notest
 table, runs, results, paired = compare_methods(configs, model=model, checkpoint=checkpoint, dataset=dataset, train_fraction=train_fraction,
                                               suite=metrics, n=n, seed=seed, device=device, quiet=smoke, runs_root=runs_root,
                                               reference='none')
@@ -69,6 +71,7 @@ table['mean_noise_norm'] = table.model.map(norms)
 table
 
 # %%
+#| notest
 vals = values_table(results).set_index('model')
 cols = [c for c in vals.columns]
 fig, axs = plt.subplots(1, len(cols), figsize=(3 * len(cols), 3), sharex=True)

@@ -47,6 +47,7 @@ runs_root: str = ''  # folder of the finetuning runs ('' → runs/finetune)
 smoke: bool = False  # tiny run for tests (written under runs/smoke/)
 
 # %%
+#| notest
 smoke = smoke or in_test()
 methods, data = param(methods), param(data)
 torch.set_num_threads(threads)
@@ -69,6 +70,7 @@ rep = report_dir(report, smoke)
 t0 = time.time()
 
 # %%
+#| notest
 table, runs, results, paired_base = compare_methods(configs, model=model, checkpoint=checkpoint, dataset=dataset,
                                                     train_fraction=train_fraction, suite=metrics, n=n, data=data, seed=seed,
                                                     device=device, quiet=smoke, runs_root=runs_root)
@@ -79,6 +81,7 @@ table
 # t-interval over images). The columns' budgets:
 
 # %%
+#| notest
 settings = results['base'][['metric', 'label', 'n', 'settings']]
 settings
 
@@ -88,6 +91,7 @@ settings
 # (`none`), the control the paper does not run.
 
 # %%
+#| notest
 from ns_vit.evaluate import paired_tests
 paired = pd.concat([paired_base] + ([paired_tests(results, 'none')] if 'none' in results else []), ignore_index=True)
 from ns_vit.stats import with_holm, paired_table, significance_sentence
@@ -96,6 +100,7 @@ show = paired_table(paired, digits=2)
 show
 
 # %%
+#| notest
 vals = values_table(results)
 tidy = pd.concat([df.drop(columns=[c for c in df.columns if c in ('cells',)]).assign(model=k) for k, df in results.items()], ignore_index=True)
 fig, ax = plt.subplots(figsize=(11, 3.6))
@@ -117,6 +122,7 @@ write_meta(rep, params, t0, device, runs={k: str(r['run_dir']) for k, r in runs.
 # ## What the numbers say
 
 # %%
+#| notest
 sentences = [significance_sentence(paired, a=m, b=ref) for m in methods for ref in ('base', 'none')
              if m != ref and ((paired.model == m) & (paired.reference == ref)).any()]
 (rep / 'verdict.md').write_text('\n'.join(f'- {s}' for s in sentences) + '\n')
@@ -124,6 +130,7 @@ print('\n'.join(sentences))
 
 
 # %%
+#| notest
 assert set(table.model) == {'base', *methods}
 assert all(df[df.n > 0].value.between(0, 1).all() for df in results.values())
 assert all((df[df.n > 0].ci_low <= df[df.n > 0].value + 1e-9).all() for df in results.values())
