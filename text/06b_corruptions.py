@@ -40,8 +40,8 @@ from ns_vit.data import load_images
 # normalise by). The released `.npy` files cannot be downloaded here, and the usual generator, `imagecorruptions`, hard-codes
 # the **ImageNet** parameter tables: on 32×32 images it applies Gaussian noise with σ = .08–.38 instead of CIFAR-10-C's
 # .04–.10, motion blur with a 10–20 px radius on a 32 px image, and so on. This notebook re-implements the corruptions from
-# the description of `make_cifar_c.py` / `make_imagenet_c.py` (hendrycks/robustness; parameter table in
-# `shared/reference/evaluation.md` §5), takes both tables as presets, seeds every random draw, and caches the generated set.
+# the parameter tables of `make_cifar_c.py` / `make_imagenet_c.py` in the public repository
+# [hendrycks/robustness](https://github.com/hendrycks/robustness) (`ImageNet-C/create_c/`), takes both tables as presets, seeds every random draw, and caches the generated set.
 #
 # ## Names and parameter tables
 # Parameters per severity are named tuples of the originals' `c` lists. Sizes that the originals hard-code (32 or 224 px) are
