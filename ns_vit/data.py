@@ -16,7 +16,8 @@ from .cache import cached, file_digest, folder_digest, content_digest
 
 # %% auto #0
 __all__ = ['CIFAR10_CLASSES', 'ARCHIVE_NAME', 'CIFAR10_DECODER_VERSION', 'repo_root', 'data_dirs', 'cache_dir', 'UInt8Images',
-           'cifar10', 'pixel_transform', 'image_folder', 'augment', 'load_images']
+           'cifar10', 'pixel_transform', 'imagenet_class_index', 'LabelMap', 'folder_class_index', 'image_folder',
+           'augment', 'load_images']
 
 # %% ../nbs/00_data.ipynb #9e4fa867
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
@@ -146,17 +147,42 @@ def pixel_transform(img_size: int = 224, crop_pct: float = 0.875, interpolation:
     mode = T.InterpolationMode(interpolation)
     return T.Compose([T.Resize(int(img_size / crop_pct), interpolation=mode), T.CenterCrop(img_size), T.ToTensor()])
 
-def image_folder(root: str | Path, img_size: int = 224, crop_pct: float = 0.875, class_to_idx: dict | None = None):
-    "An ImageFolder dataset of [0, 1] images; `class_to_idx` maps a subset's folders to the model's classes."
+def imagenet_class_index() -> dict[str, int]:
+    "wnid → ImageNet-1k class index (timm's class list; empty where timm does not carry it)."
+    global _INET_INDEX
+    if _INET_INDEX is None:
+        try:
+            from timm.data import ImageNetInfo
+            wnids = list(ImageNetInfo('imagenet-1k').label_names())
+        except Exception: wnids = []
+        _INET_INDEX = {w: i for i, w in enumerate(wnids)} if len(wnids) == 1000 else {}
+    return _INET_INDEX
+_INET_INDEX = None
+
+class LabelMap:
+    "A picklable target transform: folder position → model class (DataLoader workers can carry it)."
+    def __init__(self, mapping: dict[int, int]): self.mapping = dict(mapping)
+    def __call__(self, t: int) -> int: return self.mapping[t]
+
+def folder_class_index(classes: list[str], labels: str = 'auto') -> dict[str, int]:
+    "Model class of each class folder: ImageNet-1k indices when every folder is a wnid ('auto'), else sorted positions."
+    if labels not in ('auto', 'position'): raise ValueError(f"labels must be 'auto' or 'position', got {labels!r}")
+    index = imagenet_class_index() if labels == 'auto' else {}
+    if classes and index and all(c in index for c in classes): return {c: index[c] for c in classes}
+    return {c: i for i, c in enumerate(classes)}
+
+def image_folder(root: str | Path, img_size: int = 224, crop_pct: float = 0.875, class_to_idx: dict | None = None, *,
+                 labels: str = 'auto'):
+    "An ImageFolder dataset of [0, 1] images; wnid folders get ImageNet-1k labels; `class_to_idx` maps folders otherwise."
     from torchvision.datasets import ImageFolder
     root = Path(root).expanduser()
     if not root.is_dir(): raise FileNotFoundError(f'ImageFolder root {root} does not exist: pass the folder that '
                                                   'holds one sub-folder per class.')
     ds = ImageFolder(str(root), transform=pixel_transform(img_size, crop_pct))
     if len(ds) == 0: raise ValueError(f'no images found under {root}')
-    if class_to_idx is not None:
-        remap = {ds.class_to_idx[k]: v for k, v in class_to_idx.items() if k in ds.class_to_idx}
-        ds.target_transform = lambda t: remap[t]
+    class_to_idx = class_to_idx if class_to_idx is not None else folder_class_index(ds.classes, labels)
+    remap = {ds.class_to_idx[k]: v for k, v in class_to_idx.items() if k in ds.class_to_idx}
+    if any(k != v for k, v in remap.items()): ds.target_transform = LabelMap(remap)
     return ds
 
 # %% ../nbs/00_data.ipynb #74e42468

@@ -241,7 +241,7 @@ def paired_tests(results: dict[str, pd.DataFrame], reference: str) -> pd.DataFra
                 d = (a.float() - b.float()).numpy(); ci = mean_ci(d)
                 from scipy import stats as st
                 t = dict(diff=ci['value'], ci_low=ci['ci_low'], ci_high=ci['ci_high'], n=len(d),
-                         p_value=float(st.ttest_1samp(d, 0).pvalue) if d.std() > 0 else 1.0)
+                         p_value=float(st.ttest_1samp(d, 0).pvalue) if d.std() > 0 else float(d.mean() == 0))  # constant: certain
             rows.append(dict(model=name, reference=reference, metric=metric, diff=t['diff'], ci_low=t['ci_low'],
                              ci_high=t['ci_high'], p_value=t['p_value'], n=t['n'], significant=t['p_value'] < 0.05))
     return pd.DataFrame(rows)

@@ -240,6 +240,10 @@ with tempfile.TemporaryDirectory() as d:
 # ## ImageFolder data for ImageNet-scale work
 # For ImageNet and its shifted sets (A, R, V2, Sketch, Stylized, C) ns_vit reads an ImageFolder tree with the
 # model's own resize/crop (from timm's data config) but *without* normalisation: models take [0, 1] pixels.
+# Class folders named by ImageNet wnids (`n01440764`, …) are labelled with their ImageNet-1k index, so a subset of
+# ImageNet (Imagenette, a few classes of a fixture, 10% of the classes) keeps the labels of a 1000-class model and of
+# the shifted sets, which are labelled the same way; other folders get their sorted position (torchvision's
+# ImageFolder), and `labels='position'` forces that for wnid folders too (a model finetuned to only those classes).
 
 # %%
 #| export
@@ -249,17 +253,42 @@ def pixel_transform(img_size: int = 224, crop_pct: float = 0.875, interpolation:
     mode = T.InterpolationMode(interpolation)
     return T.Compose([T.Resize(int(img_size / crop_pct), interpolation=mode), T.CenterCrop(img_size), T.ToTensor()])
 
-def image_folder(root: str | Path, img_size: int = 224, crop_pct: float = 0.875, class_to_idx: dict | None = None):
-    "An ImageFolder dataset of [0, 1] images; `class_to_idx` maps a subset's folders to the model's classes."
+def imagenet_class_index() -> dict[str, int]:
+    "wnid → ImageNet-1k class index (timm's class list; empty where timm does not carry it)."
+    global _INET_INDEX
+    if _INET_INDEX is None:
+        try:
+            from timm.data import ImageNetInfo
+            wnids = list(ImageNetInfo('imagenet-1k').label_names())
+        except Exception: wnids = []
+        _INET_INDEX = {w: i for i, w in enumerate(wnids)} if len(wnids) == 1000 else {}
+    return _INET_INDEX
+_INET_INDEX = None
+
+class LabelMap:
+    "A picklable target transform: folder position → model class (DataLoader workers can carry it)."
+    def __init__(self, mapping: dict[int, int]): self.mapping = dict(mapping)
+    def __call__(self, t: int) -> int: return self.mapping[t]
+
+def folder_class_index(classes: list[str], labels: str = 'auto') -> dict[str, int]:
+    "Model class of each class folder: ImageNet-1k indices when every folder is a wnid ('auto'), else sorted positions."
+    if labels not in ('auto', 'position'): raise ValueError(f"labels must be 'auto' or 'position', got {labels!r}")
+    index = imagenet_class_index() if labels == 'auto' else {}
+    if classes and index and all(c in index for c in classes): return {c: index[c] for c in classes}
+    return {c: i for i, c in enumerate(classes)}
+
+def image_folder(root: str | Path, img_size: int = 224, crop_pct: float = 0.875, class_to_idx: dict | None = None, *,
+                 labels: str = 'auto'):
+    "An ImageFolder dataset of [0, 1] images; wnid folders get ImageNet-1k labels; `class_to_idx` maps folders otherwise."
     from torchvision.datasets import ImageFolder
     root = Path(root).expanduser()
     if not root.is_dir(): raise FileNotFoundError(f'ImageFolder root {root} does not exist: pass the folder that '
                                                   'holds one sub-folder per class.')
     ds = ImageFolder(str(root), transform=pixel_transform(img_size, crop_pct))
     if len(ds) == 0: raise ValueError(f'no images found under {root}')
-    if class_to_idx is not None:
-        remap = {ds.class_to_idx[k]: v for k, v in class_to_idx.items() if k in ds.class_to_idx}
-        ds.target_transform = lambda t: remap[t]
+    class_to_idx = class_to_idx if class_to_idx is not None else folder_class_index(ds.classes, labels)
+    remap = {ds.class_to_idx[k]: v for k, v in class_to_idx.items() if k in ds.class_to_idx}
+    if any(k != v for k, v in remap.items()): ds.target_transform = LabelMap(remap)
     return ds
 
 
@@ -271,7 +300,15 @@ with tempfile.TemporaryDirectory() as d:
     ds = image_folder(d, img_size=32)
     test_eq(len(ds), 4); test_eq(ds[0][0].shape, (3, 32, 32)); assert ds[0][0].max() <= 1
     test_eq(image_folder(d, 32, class_to_idx={'n01': 7, 'n02': 9})[3][1], 9)
+    test_eq([y for _, y in image_folder(d, 32)], [0, 0, 1, 1])  # folders that are not wnids: sorted positions
     test_fail(lambda: image_folder(Path(d) / 'missing'), contains='does not exist')
+test_eq(len(imagenet_class_index()), 1000)  # the pinned timm carries ImageNet-1k's class list
+with tempfile.TemporaryDirectory() as d:  # a subset of ImageNet (Imagenette's tench, springer, cassette player)
+    for c in ('n01440764', 'n02102040', 'n02979186'):
+        (Path(d) / c).mkdir(); Image.fromarray(np.full((40, 50, 3), 100, np.uint8)).save(Path(d) / c / '0.jpg')
+    test_eq([y for _, y in image_folder(d, 32)], [0, 217, 482])  # ImageNet-1k labels, as the shifted sets have
+    test_eq([y for _, y in image_folder(d, 32, labels='position')], [0, 1, 2])
+    import pickle; test_eq(pickle.loads(pickle.dumps(image_folder(d, 32)))[2][1], 482)  # picklable for DataLoader workers
 
 
 # %% [markdown]

@@ -392,7 +392,7 @@ def paired_tests(results: dict[str, pd.DataFrame], reference: str) -> pd.DataFra
                 d = (a.float() - b.float()).numpy(); ci = mean_ci(d)
                 from scipy import stats as st
                 t = dict(diff=ci['value'], ci_low=ci['ci_low'], ci_high=ci['ci_high'], n=len(d),
-                         p_value=float(st.ttest_1samp(d, 0).pvalue) if d.std() > 0 else 1.0)
+                         p_value=float(st.ttest_1samp(d, 0).pvalue) if d.std() > 0 else float(d.mean() == 0))  # constant: certain
             rows.append(dict(model=name, reference=reference, metric=metric, diff=t['diff'], ci_low=t['ci_low'],
                              ci_high=t['ci_high'], p_value=t['p_value'], n=t['n'], significant=t['p_value'] < 0.05))
     return pd.DataFrame(rows)
@@ -445,6 +445,9 @@ tb = results_table({'ns': _res(a, .6), 'none': _res(b, .4)})
 test_eq(list(tb.columns), ['model', 'FGSM', 'average (robustness)']); test_eq(tb.FGSM.iloc[0], '60.0 [50.0, 70.0]')
 test_eq(values_table({'ns': _res(a, .6)}).FGSM.iloc[0], 0.6)
 test_eq(len(pd.concat([_res(a, .6), _res(b, .4)])), 2)  # tables with per-image results concatenate
+def _shares(v): r = _res(a, v); r.attrs['correct'] = PerImage(cifar10_c=torch.full((50,), v)); return r
+for va, p in ((.5, 0.0), (.4, 1.0)):  # per-image shares that differ by the same amount everywhere: certain, either way
+    test_eq(paired_tests({'ns': _shares(va), 'none': _shares(.4)}, 'none').set_index('metric').loc['cifar10_c', 'p_value'], p)
 
 
 # %% [markdown]

@@ -21,7 +21,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter, map_coordinates, zoom as scizoom
 import skimage.color, skimage.util
 import ns_vit
-from ns_vit.data import cache_dir, atomic_save, cifar10
+from ns_vit.data import cache_dir, atomic_save, cifar10, folder_class_index, imagenet_class_index, LabelMap
 from ns_vit.training import file_lock, clean_tmp
 from ns_vit.cache import content_digest, file_digest, folder_digest, verify_file
 from ns_vit.models import predict
@@ -772,8 +772,11 @@ def imagenet_c(root: str | Path, corruption: str, severity: int, img_size: int =
     d = Path(root).expanduser() / corruption / str(severity)
     if not d.is_dir(): raise FileNotFoundError(f'{d} not found: `root` must hold <corruption>/<1..5>/<wnid>/ folders (ImageNet-C)')
     ds = ImageFolder(str(d), transform=T.ToTensor())  # already 224 × 224: no resize, no crop (RobustBench#59)
-    if len(ds.classes) != 1000:
-        warnings.warn(f'{d} has {len(ds.classes)} class folders, not 1000: labels are indices into the sorted folders present')
+    index = folder_class_index(ds.classes)  # wnid folders: ImageNet-1k indices, as the clean and shifted sets
+    if any(index[c] != i for i, c in enumerate(ds.classes)):
+        ds.target_transform = LabelMap({i: index[c] for i, c in enumerate(ds.classes)})
+    if len(ds.classes) != 1000 and not all(c in imagenet_class_index() for c in ds.classes):
+        warnings.warn(f'{d} has {len(ds.classes)} class folders that are not all ImageNet wnids: labels are their sorted positions')
     first = ds[0][0]
     if first.shape[-2:] != (img_size, img_size):
         raise ValueError(f'{ds.samples[0][0]} is {tuple(first.shape[-2:])}, expected {img_size}×{img_size} (ImageNet-C is 224 px)')
