@@ -802,14 +802,19 @@ test_fail(lambda: load_cifar10c(rel, corruptions=('snow',)), contains='snow.npy 
 test_fail(lambda: load_cifar10c(rel / 'nope'), contains='CIFAR-10-C')
 
 inc = Path(tempfile.mkdtemp())
-for wnid in ('n01440764', 'n01443537'):
+for wnid in ('n01440764', 'n02979186'):  # two ImageNet classes (tench 0, cassette player 482)
     (inc / 'fog' / '3' / wnid).mkdir(parents=True)
     Image.fromarray(np.full((224, 224, 3), 100, np.uint8)).save(inc / 'fog' / '3' / wnid / 'a.JPEG')
+with warnings.catch_warnings():
+    warnings.simplefilter('error')  # wnid folders: ImageNet-1k labels, nothing to warn about
+    ds = imagenet_c(inc, 'fog', 3)
+test_eq(len(ds), 2); test_eq([ds[i][1] for i in range(2)], [0, 482]); test_eq(ds[0][0].shape, (3, 224, 224))
+(inc / 'fog' / '3' / 'other').mkdir(); Image.fromarray(np.full((224, 224, 3), 9, np.uint8)).save(inc / 'fog' / '3' / 'other' / 'a.JPEG')
 with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter('always')
-    ds = imagenet_c(inc, 'fog', 3)
-assert 'not 1000' in str(w[0].message)
-test_eq(len(ds), 2); test_eq([ds[i][1] for i in range(2)], [0, 1]); test_eq(ds[0][0].shape, (3, 224, 224))
+    test_eq([y for _, y in imagenet_c(inc, 'fog', 3)], [0, 1, 2])  # a folder that is not a wnid: sorted positions, warned
+assert 'not all ImageNet wnids' in str(w[0].message)
+__import__('shutil').rmtree(inc / 'fog' / '3' / 'other')
 test_close(ds[0][0].mean().item(), 100 / 255, eps=2 / 255)  # ToTensor only: no normalisation, resize or crop
 test_fail(lambda: imagenet_c(inc, 'fog', 2), contains='not found')
 test_fail(lambda: imagenet_c(inc, 'fog', 3, img_size=256), contains='expected 256')
