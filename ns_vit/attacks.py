@@ -130,25 +130,25 @@ def _autoattack(model: nn.Module, eps: float, norm: str, version: str, n_classes
         if hasattr(a, 'n_queries'): a.n_queries = n_queries
     return aa
 
-def make_attack(model: nn.Module, name: str, eps: float = 8 / 255, steps: int = 10, alpha: float | None = None,
+def make_attack(model: nn.Module, attack: str, eps: float = 8 / 255, steps: int = 10, alpha: float | None = None,
                 cw_c: float = 1.0, cw_lr: float = 0.01, cw_kappa: float = 0.0,
                 cw_search_steps: int = 1,  # 'cw': 1 = fixed c; > 1 = C&W's binary search over c from cw_c
                 norm: str = 'Linf', version: str = 'standard', n_classes: int | None = None, seed: int = 0,
                 n_target_classes: int | None = None, n_queries: int = 5000) -> Attack:
-    "A torchattacks-style attack on a [0, 1]-input model, by name (see `ATTACKS`); every budget explicit."
+    "A torchattacks-style attack on a [0, 1]-input model, by name `attack` (see `ATTACKS`); every budget explicit."
     if eps < 0: raise ValueError(f'eps must be ≥ 0, got {eps}')
     alpha = alpha if alpha is not None else default_alpha(eps, steps)
-    if name == 'fgsm': return torchattacks.FGSM(model, eps=eps)
-    if name == 'pgd': return torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
-    if name == 'tpgd': return torchattacks.TPGD(model, eps=eps, alpha=alpha, steps=steps)
-    if name == 'cw': return CWL2(model, c=cw_c, kappa=cw_kappa, steps=steps, lr=cw_lr, search_steps=cw_search_steps)
-    if name == 'cw_torchattacks': return torchattacks.CW(model, c=cw_c, kappa=cw_kappa, steps=steps, lr=cw_lr)
-    if name == 'cw_inf': return CWInf(model, eps=eps, alpha=alpha, steps=steps, kappa=cw_kappa)
-    if name == 'autoattack':
+    if attack == 'fgsm': return torchattacks.FGSM(model, eps=eps)
+    if attack == 'pgd': return torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
+    if attack == 'tpgd': return torchattacks.TPGD(model, eps=eps, alpha=alpha, steps=steps)
+    if attack == 'cw': return CWL2(model, c=cw_c, kappa=cw_kappa, steps=steps, lr=cw_lr, search_steps=cw_search_steps)
+    if attack == 'cw_torchattacks': return torchattacks.CW(model, c=cw_c, kappa=cw_kappa, steps=steps, lr=cw_lr)
+    if attack == 'cw_inf': return CWInf(model, eps=eps, alpha=alpha, steps=steps, kappa=cw_kappa)
+    if attack == 'autoattack':
         n_classes = n_classes or num_classes(model)
         return _autoattack(model, eps, norm, version, n_classes, seed, steps,
                            n_target_classes or min(9, n_classes - 1), n_queries)
-    raise ValueError(f'unknown attack {name!r}; choose from {", ".join(ATTACKS)} (or run_attack(..., "patch_fool"))')
+    raise ValueError(f'unknown attack {attack!r}; choose from {", ".join(ATTACKS)} (or run_attack(..., "patch_fool"))')
 
 # %% ../nbs/06a_attacks.ipynb #f2d73889
 def patch_size(model: nn.Module) -> tuple[int, int]:
@@ -312,23 +312,23 @@ _SCORING = {'l2_radius': None}  # budget read by `run_attack`'s scoring, not by 
 def _defaults(fn) -> dict:
     return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
 
-def attack_settings(model: nn.Module, name: str, **budget) -> dict:
-    "Every parameter of attack `name` on `model`: `budget` over the defaults, derived values resolved."
-    if name == 'patch_fool': uses = [k for k in _defaults(patch_fool) if k != 'return_patches']
-    elif name in _USES: uses = _USES[name]
-    else: raise ValueError(f'unknown attack {name!r}; choose from {", ".join(ATTACKS)}, patch_fool')
-    if extra := set(budget) - set(uses): raise TypeError(f'{name} takes no {sorted(extra)}; its budget: {list(uses)}')
-    s = {k: (_defaults(patch_fool) if name == 'patch_fool' else _defaults(make_attack) | _SCORING)[k] for k in uses} | budget
+def attack_settings(model: nn.Module, attack: str, **budget) -> dict:
+    "Every parameter of attack `attack` on `model`: `budget` over the defaults, derived values resolved."
+    if attack == 'patch_fool': uses = [k for k in _defaults(patch_fool) if k != 'return_patches']
+    elif attack in _USES: uses = _USES[attack]
+    else: raise ValueError(f'unknown attack {attack!r}; choose from {", ".join(ATTACKS)}, patch_fool')
+    if extra := set(budget) - set(uses): raise TypeError(f'{attack} takes no {sorted(extra)}; its budget: {list(uses)}')
+    s = {k: (_defaults(patch_fool) if attack == 'patch_fool' else _defaults(make_attack) | _SCORING)[k] for k in uses} | budget
     if 'alpha' in s and s['alpha'] is None: s['alpha'] = default_alpha(s['eps'], s['steps'])
     if s.get('l2_radius') is not None and not s['l2_radius'] >= 0: raise ValueError(f"l2_radius must be ≥ 0 (or None), got {s['l2_radius']}")
-    if name == 'autoattack':
+    if attack == 'autoattack':
         s['n_classes'] = s['n_classes'] or num_classes(model)
         s['n_target_classes'] = s['n_target_classes'] or min(9, s['n_classes'] - 1)
-    if name == 'patch_fool':
+    if attack == 'patch_fool':
         sel, layers = default_attn_layers(model)
         s['attn_layer'] = sel if s['attn_layer'] is None else s['attn_layer']
         s['attn_loss_layers'] = (layers if s['attn_loss_layers'] is None else list(s['attn_loss_layers'])) if s['loss'] == 'attention' else []
-    return {'attack': name, **s}
+    return {'attack': attack, **s}
 
 # %% ../nbs/06a_attacks.ipynb #38e70bb9
 def _patch_fool_label(s: dict, n_patches: int) -> str:
@@ -400,35 +400,36 @@ def _summary(model: nn.Module, s: dict, clean: Tensor, correct: Tensor, linf: Te
         r['pixel_share'] = (s['sparse_pixels'] or s['num_patch'] * ph * pw) / (gh * ph * gw * pw)
     return r
 
-def run_attack(model: nn.Module, images: Tensor, labels: Tensor, name: str, batch_size: int = 250, seed: int = 0,
+def run_attack(model: nn.Module, images: Tensor, labels: Tensor, attack: str, *, batch_size: int = 250, seed: int = 0,
                quiet: bool = True, **budget) -> dict:
-    "Attack `images` (N, C, H, W) in [0, 1] with `name` and `budget`: per-image outcome, accuracy, label, settings."
-    s = attack_settings(model, name, **budget) | {'seed': seed}
+    "Attack `images` (N, C, H, W) in [0, 1] with `attack` and `budget`: per-image outcome, accuracy, label, settings."
+    s = attack_settings(model, attack, **budget) | {'seed': seed}
     was_training, dev = model.training, model_device(model)
     out = {k: [] for k in ('clean', 'correct', 'linf', 'l2')}
     with torch.random.fork_rng(devices=[dev] if dev.type == 'cuda' else []):
         torch.manual_seed(seed)
-        model.eval(); attack = _attack_fn(model, s)
+        model.eval(); fn = _attack_fn(model, s)
         try:
-            for i in tqdm(range(0, len(images), batch_size), desc=name, disable=quiet, leave=False):
+            for i in tqdm(range(0, len(images), batch_size), desc=attack, disable=quiet, leave=False):
                 x, y = images[i:i + batch_size].to(dev), labels[i:i + batch_size].to(dev)
-                adv = attack(x, y).detach()
+                adv = fn(x, y).detach()
                 with torch.no_grad(): pc, pa = model(x).argmax(1), model(adv).argmax(1)
                 d = (adv - x).flatten(1)  # (B, C·H·W)
                 for k, v in zip(out, (pc == y, pa == y, d.abs().amax(1), d.norm(dim=1))): out[k].append(v.cpu())
         finally: model.train(was_training)
     return _summary(model, s, *(torch.cat(v) for v in out.values()))
 
-def adversarial_accuracy(model: nn.Module, images: Tensor, labels: Tensor, attack: str = 'pgd', batch_size: int = 250,
-                         quiet: bool = True, seed: int = 0, **kw) -> float:
+def adversarial_accuracy(model: nn.Module, images: Tensor, labels: Tensor, attack: str = 'pgd', *, batch_size: int = 250,
+                         seed: int = 0, quiet: bool = True, **kw) -> float:
     "Accuracy under `attack` (`run_attack`'s `adv_accuracy`); parameters the attack does not take are ignored."
     uses = set(attack_settings(model, attack))
-    return run_attack(model, images, labels, attack, batch_size, seed, quiet, **{k: v for k, v in kw.items() if k in uses})['adv_accuracy']
+    return run_attack(model, images, labels, attack, batch_size=batch_size, seed=seed, quiet=quiet,
+                      **{k: v for k, v in kw.items() if k in uses})['adv_accuracy']
 
 # %% ../nbs/06a_attacks.ipynb #c4c17fe5
-_PATCH_FOOL = dict(name='patch_fool', num_patch=1, select='attn', loss='attention', attn_weight=0.002, steps=250,
+_PATCH_FOOL = dict(attack='patch_fool', num_patch=1, select='attn', loss='attention', attn_weight=0.002, steps=250,
                    lr=0.22, step_size=10, gamma=0.95)  # Fu et al.'s defaults (GATECH-EIC/Patch-Fool main.py)
-_CW = dict(name='cw', cw_c=1.0, cw_kappa=0.0, steps=100, cw_lr=0.01)
+_CW = dict(attack='cw', cw_c=1.0, cw_kappa=0.0, steps=100, cw_lr=0.01)
 _CW_SEARCH = _CW | dict(cw_search_steps=9, l2_radius=0.25)  # C&W's 9 searches from c = 1; radius from the sweep below
 _PATCH_FOOL_MILD = _PATCH_FOOL | dict(mild_linf=16 / 255, steps=50)  # L∞ inside the patch; ε and steps from the sweep below
 
@@ -437,18 +438,18 @@ def _linf(eps: float, steps: int, alpha: float | None = None) -> dict:
 
 ATTACK_PRESETS = {
     'cifar10': {
-        'fgsm': dict(name='fgsm', eps=8 / 255), 'fgsm_small': dict(name='fgsm', eps=1 / 255),
-        'pgd': dict(name='pgd', **_linf(8 / 255, 10)), 'pgd_small': dict(name='pgd', **_linf(1 / 255, 10)),
-        'cw': _CW, 'cw_inf': dict(name='cw_inf', cw_kappa=0.0, **_linf(8 / 255, 10)),
-        'cw_inf_small': dict(name='cw_inf', cw_kappa=0.0, **_linf(1 / 255, 10)),
-        'autoattack': dict(name='autoattack', eps=8 / 255, norm='Linf', version='standard', n_classes=10, steps=100,
+        'fgsm': dict(attack='fgsm', eps=8 / 255), 'fgsm_small': dict(attack='fgsm', eps=1 / 255),
+        'pgd': dict(attack='pgd', **_linf(8 / 255, 10)), 'pgd_small': dict(attack='pgd', **_linf(1 / 255, 10)),
+        'cw': _CW, 'cw_inf': dict(attack='cw_inf', cw_kappa=0.0, **_linf(8 / 255, 10)),
+        'cw_inf_small': dict(attack='cw_inf', cw_kappa=0.0, **_linf(1 / 255, 10)),
+        'autoattack': dict(attack='autoattack', eps=8 / 255, norm='Linf', version='standard', n_classes=10, steps=100,
                            n_target_classes=9, n_queries=5000),
         'patch_fool': _PATCH_FOOL,
         'cw_search': _CW_SEARCH, 'patch_fool_mild': _PATCH_FOOL_MILD},  # discriminative beside the paper's budgets
     'imagenet': {
-        'fgsm': dict(name='fgsm', eps=1 / 255),  # RVT / DAT protocol (Mao et al.)
-        'pgd': dict(name='pgd', **_linf(1 / 255, 5, 0.5 / 255)),  # RVT: ε 1/255, α 0.5/255, 5 steps
-        'cw': _CW, 'cw_inf': dict(name='cw_inf', cw_kappa=0.0, **_linf(4 / 255, 10)),
-        'autoattack': dict(name='autoattack', eps=4 / 255, norm='Linf', version='standard', n_classes=1000, steps=100,
+        'fgsm': dict(attack='fgsm', eps=1 / 255),  # RVT / DAT protocol (Mao et al.)
+        'pgd': dict(attack='pgd', **_linf(1 / 255, 5, 0.5 / 255)),  # RVT: ε 1/255, α 0.5/255, 5 steps
+        'cw': _CW, 'cw_inf': dict(attack='cw_inf', cw_kappa=0.0, **_linf(4 / 255, 10)),
+        'autoattack': dict(attack='autoattack', eps=4 / 255, norm='Linf', version='standard', n_classes=1000, steps=100,
                            n_target_classes=9, n_queries=5000),
         'patch_fool': _PATCH_FOOL}}

@@ -26,7 +26,7 @@ from .damagenet import damagenet_cifar10
 # %% auto #0
 __all__ = ['SUITES', 'EVAL_VERSION', 'CIFAR10_SHIFTS', 'ROBUSTNESS', 'AVERAGE_NOTE', 'Metric', 'suite_metrics', 'model_digest',
            'PerImage', 'data_keys', 'check_request', 'evaluate', 'paired_tests', 'results_table', 'values_table',
-           'evaluate_models', 'output_paths', 'main']
+           'evaluate_models', 'sample_sizes', 'output_paths', 'main']
 
 # %% ../nbs/06_evaluate.ipynb #04e642ec
 @dataclass
@@ -127,7 +127,7 @@ def _score(model, name: str, m: Metric, n: int | None, data: dict, seed: int, ba
         return dict(correct=predict(model, x, batch_size).argmax(1) == y)
     if m.kind == 'attack':
         x, y = _folder_images(data['val'], n, seed, size, workers) if 'val' in data else inputs
-        s = dict(m.settings); attack = s.pop('name')
+        s = dict(m.settings); attack = s.pop('attack')
         r = run_attack(model, x[:n], y[:n], attack, batch_size=min(batch_size, 250), seed=seed, quiet=quiet, **s)
         return {k: v for k, v in r.items() if k not in ('adv_accuracy', 'n')}
     if m.kind == 'transfer':
@@ -267,7 +267,7 @@ def results_table(results: dict[str, pd.DataFrame], digits: int = 1) -> pd.DataF
     return out
 
 AVERAGE_NOTE = ("average (robustness): the mean accuracy over the row's columns among the paper's Table 2 robustness columns "
-                '(Patch-Fool, CW-L2 and their discriminative budgets, FGSM 8/255, DamageNet, corruptions as accuracy = 1 − error, '
+                '(Patch-Fool, CW-L2 and their discriminative budgets, FGSM at 8/255 on CIFAR-10 and 1/255 on ImageNet, DamageNet, corruptions as accuracy = 1 − error, '
                 'the shifted sets); clean accuracy and the small-budget FGSM/PGD and PGD columns are not averaged.')
 
 def values_table(results: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -290,12 +290,29 @@ def _positive_int(s: str) -> int:
     if v < 1: raise argparse.ArgumentTypeError(f'must be >= 1, got {v}')
     return v
 
+def _sample_size(s: str) -> tuple[str | None, int]:
+    "argparse type: `N` (a cap on every metric) or `metric=N`, N >= 1."
+    name, _, v = s.rpartition('=')
+    return (name or None, _positive_int(v))
+
+def sample_sizes(sizes: list[tuple[str | None, int]] | None, suite: str | list[str]) -> int | dict | None:
+    "`evaluate`'s `n` from the CLI's sizes: one cap (int), or per metric (named sizes; the cap or the suite's default for the rest)."
+    if not sizes: return None
+    named = {k: v for k, v in sizes if k is not None}
+    cap = next((v for k, v in reversed(sizes) if k is None), None)
+    if not named: return cap
+    metrics = suite_metrics(suite)
+    bad = [k for k in named if k not in metrics]
+    if bad: raise ValueError(f'--n names unknown metrics {bad}; the suite has {list(metrics)}')
+    return {k: named.get(k, min(cap, m.n) if cap and m.n else cap or m.n) for k, m in metrics.items()}
+
 def _eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='ns-vit-evaluate', description='Score a ViT on the ns_vit robustness suite.')
     p.add_argument('--model', default='default', help="'default' (embedded CIFAR-10 ViT or an ns_vit checkpoint) or a timm ViT name")
     p.add_argument('--checkpoint', default='', help="weights: '' (default model's), a local file, or 'hub'")
     p.add_argument('--suite', default='cifar10', help=f"one of {SUITES}, or comma-separated metric names of {list(_cifar_suite())}")
-    p.add_argument('--n', type=_positive_int, default=None, help="cap on every metric's sample size (>= 1)")
+    p.add_argument('--n', nargs='+', type=_sample_size, default=None, metavar='N|METRIC=N',
+                   help="a cap on every metric's sample size, and/or metric=N sizes for single metrics (each >= 1)")
     p.add_argument('--data', nargs='*', default=[], help='name=folder pairs for sets that must be supplied')
     p.add_argument('--workers', type=int, default=4, help='DataLoader workers decoding image folders')
     p.add_argument('--seed', type=int, default=0)
@@ -315,10 +332,10 @@ def main(argv: list[str] | None = None) -> None:
     bad = [d for d in a.data if '=' not in d]
     if bad: p.error(f'--data takes name=folder pairs, got {bad}')
     data, suite = dict(d.split('=', 1) for d in a.data), a.suite.split(',') if ',' in a.suite else a.suite
-    try: data = check_request(suite, a.n, data) | {'workers': a.workers}
+    try: n = sample_sizes(a.n, suite); data = check_request(suite, n, data) | {'workers': a.workers}
     except ValueError as e: p.error(str(e))  # exit 2 with the message, before any work
     model = get_model(a.model, a.checkpoint, a.device)
-    df = evaluate(model, suite, a.n, data, a.seed)
+    df = evaluate(model, suite, n, data, a.seed)
     csv, md_path = output_paths(a.out)
     atomic_save(df, csv, lambda o, p: o.to_csv(p, index=False))
     md = results_table({a.checkpoint or a.model: df}).to_markdown(index=False)

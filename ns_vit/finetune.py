@@ -23,8 +23,8 @@ from .attacks import make_attack
 
 # %% auto #0
 __all__ = ['METHODS', 'NOISE_SOURCES', 'NOISE_VARIANTS', 'ROUND_COLUMNS', 'FinetuneConfig', 'noise_variant', 'broadcast_noise',
-           'method_loss', 'noise_batches', 'synthesize_round', 'heldout_influence', 'finetune', 'rounds_table',
-           'heldout_summary', 'plot_dynamics']
+           'method_loss', 'noise_batches', 'synthesize_round', 'heldout_influence', 'read_state', 'finetune',
+           'rounds_table', 'heldout_summary', 'plot_dynamics']
 
 # %% ../nbs/05_finetune.ipynb #24f4090b
 METHODS = ('ns', 'none', 'gaussian', 'madry', 'trades')
@@ -185,17 +185,25 @@ def _new_state(model: PixelViT, cfg: FinetuneConfig):
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay)) if cfg.ema_decay > 0 else None
     return opt, sched, ema
 
-def _load_state(path: Path, model, opt, sched, ema, cfg: FinetuneConfig) -> dict | None:
-    "Restore a checkpointed run in place (step, delta, logs); an unreadable file is set aside with a warning (None)."
-    try: st = torch.load(path, map_location=model_device(model), weights_only=True)
+def read_state(path: str | Path, cfg: FinetuneConfig, map_location='cpu', mmap: bool = False) -> dict | None:
+    "A run's checkpoint `path` if saved under `cfg` (else ValueError); an unreadable one is set aside, warned, and None returned."
+    path = Path(path)
+    try: st = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
-        if rank_world()[0] == 0:
+        if rank_world()[0] == 0 and path.exists():
             aside = path.with_name(f'{path.name}.unreadable-{int(time.time())}'); path.rename(aside)
             warnings.warn(f'{path} is unreadable ({type(e).__name__}: truncated or corrupt): moved to {aside.name}; the run starts over')
         return None
     stored = st.get('cfg') or {}
     diff = [f'{k}: {stored.get(k)!r} → {v!r}' for k, v in asdict(cfg).items() if k in stored and stored[k] != v]
-    if diff: raise ValueError(f'{path} was saved by a run with other settings ({", ".join(diff)}): resume with the same settings or use another run folder')
+    if diff: raise ValueError(f'{path} was saved by a run with other settings ({", ".join(diff)}): resume with the same '
+                              f'settings, or use another run folder (or delete {path.parent})')
+    return st
+
+def _load_state(path: Path, model, opt, sched, ema, cfg: FinetuneConfig) -> dict | None:
+    "Restore a checkpointed run in place (step, delta, logs); None when there is nothing readable to restore."
+    st = read_state(path, cfg, model_device(model))
+    if st is None: return None
     model.load_state_dict(st['model']); opt.load_state_dict(st['opt']); sched.load_state_dict(st['sched'])
     if ema is not None: ema.load_state_dict(st['ema'])
     return st

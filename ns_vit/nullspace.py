@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from .models import PixelViT, as_vit, check_vit
 
 # %% auto #0
-__all__ = ['patch_size', 'patch_embed_matrix', 'patch_embed_nullspace', 'null_dims', 'nullspace_noise', 'logit_change',
-           'project_to_nullspace']
+__all__ = ['OPPONENT_COLOURS', 'patch_size', 'patch_embed_matrix', 'patch_embed_nullspace', 'null_dims', 'nullspace_noise',
+           'logit_change', 'project_to_nullspace', 'dct_basis', 'null_spectrum']
 
 # %% ../nbs/03_nullspace.ipynb #857aa46c
 def _f64(device: torch.device) -> torch.dtype:
@@ -105,3 +105,24 @@ def project_to_nullspace(model: nn.Module, x: Tensor, basis: Tensor | None = Non
     p = F.unfold(x.to(Q.dtype), P, stride=P)  # (B, C*ph*pw, L)
     p = Q.T @ (Q @ p)  # (B, C*ph*pw, L)
     return F.fold(p, (H, W), P, stride=P).to(x.dtype)  # (B, C, H, W)
+
+# %% ../nbs/03_nullspace.ipynb #2eccedc8
+OPPONENT_COLOURS = dict(luminance=(1., 1., 1.), red_green=(1., -1., 0.), blue_yellow=(1., 1., -2.))  # normalised in use
+
+def dct_basis(p: int) -> Tensor:
+    "Orthonormal 2-D DCT-II patterns of a p×p patch, (p·p, p, p) float64, ordered by frequency (u, v)."
+    i = torch.arange(p, dtype=torch.float64)
+    c = torch.cos(torch.pi * (2 * i[None] + 1) * i[:, None] / (2 * p)) * (2 / p) ** 0.5  # (u, i)
+    c[0] /= 2 ** 0.5
+    return torch.einsum('ui,vj->uvij', c, c).reshape(p * p, p, p)
+
+def null_spectrum(basis: Tensor, p: int) -> dict[str, Tensor]:
+    "Share of each coloured DCT pattern's energy in the span of `basis` (k, 3·p·p) orthonormal rows: {colouring: (p, p)}."
+    if basis.ndim != 2 or basis.shape[1] != 3 * p * p:
+        raise ValueError(f'basis must be (k, 3·{p}·{p} = {3 * p * p}) with rows over (channel, row, column); got {tuple(basis.shape)}')
+    d, out = dct_basis(p), {}
+    for name, colour in OPPONENT_COLOURS.items():
+        c = torch.tensor(colour, dtype=torch.float64); c = c / c.norm()
+        patterns = (c[None, :, None, None] * d[:, None]).reshape(p * p, -1)  # (p·p, 3·p·p), unit norm each
+        out[name] = (basis.double() @ patterns.T).pow(2).sum(0).view(p, p)
+    return out

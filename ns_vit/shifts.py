@@ -15,15 +15,17 @@ from torch import nn, Tensor
 import torch.nn.functional as F
 from torch.utils.data import Dataset, DataLoader
 from tqdm.auto import tqdm
-from .data import CIFAR10_CLASSES, pixel_transform
-from .models import model_device
+import pandas as pd
+from .data import CIFAR10_CLASSES, pixel_transform, image_folder
+from .models import model_device, PixelViT, as_vit
+from .stats import accuracy_ci, mcnemar
 from .noise import frozen
 
 # %% auto #0
-__all__ = ['SOURCES', 'STL10_CLASSES', 'STL10_TO_CIFAR10', 'SHIFTS', 'imagenet_wnids', 'timm_subset_wnids', 'ShiftSet',
-           'Relabeled', 'FileList', 'imagenet_a', 'imagenet_r', 'imagenet_sketch', 'stylized_imagenet', 'imagenet_v2',
-           'damagenet_imagenet', 'ArrayImages', 'cifar10_1', 'cifar10_2', 'cinic10', 'stl10', 'ShiftInfo', 'load_shift',
-           'shift_accuracy']
+__all__ = ['SOURCES', 'STL10_CLASSES', 'STL10_TO_CIFAR10', 'SHIFTS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'imagenet_wnids',
+           'timm_subset_wnids', 'ShiftSet', 'Relabeled', 'FileList', 'imagenet_a', 'imagenet_r', 'imagenet_sketch',
+           'stylized_imagenet', 'imagenet_v2', 'damagenet_imagenet', 'ArrayImages', 'cifar10_1', 'cifar10_2', 'cinic10',
+           'stl10', 'ShiftInfo', 'load_shift', 'shift_accuracy', 'preprocessing_scores']
 
 # %% ../nbs/06c_shifts.ipynb #afcd157a
 def imagenet_wnids(train_root: str | Path | None = None, use_timm: bool = True) -> list[str]:
@@ -301,3 +303,29 @@ def shift_accuracy(model: nn.Module, shift: ShiftSet, batch_size: int = 250, num
             correct.append((pred == y.to(dev)).cpu())
     correct = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
     return dict(correct=correct, accuracy=correct.float().mean().item() if len(correct) else float('nan'), n=len(correct))
+
+# %% ../nbs/06c_shifts.ipynb #7dac4852
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+def preprocessing_scores(model: PixelViT, root: str | Path, n_images: int | None = None, *, seed: int = 0,
+                         batch_size: int = 250, num_workers: int = 0, quiet: bool = True) -> pd.DataFrame:
+    "Clean accuracy of `model` on the same images of the ImageFolder `root` under timm's, the paper's and a mismatched pipeline."
+    vit = as_vit(model)
+    cfg, size = getattr(vit, 'pretrained_cfg', {}) or {}, int(vit.patch_embed.img_size[0])
+    forced = PixelViT(vit, IMAGENET_MEAN, IMAGENET_STD).to(model_device(model))  # shares the weights, not the buffers
+    variants = [('timm pretrained_cfg', cfg.get('crop_pct', 0.875), cfg.get('interpolation', 'bicubic'), model),
+                ("paper's transform (crop 0.875), model's own mean/std", 224 / 256, 'bicubic', model),
+                ("paper's transform, ImageNet mean/std", 224 / 256, 'bicubic', forced)]
+    rows = []
+    for name, crop, interp, m in variants:
+        ds = image_folder(root, size, crop)
+        ds.transform = pixel_transform(size, crop, interp)
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n_images or len(ds)].tolist()
+        r = shift_accuracy(m, ShiftSet(name, torch.utils.data.Subset(ds, idx), None, (), str(root)), batch_size, num_workers, quiet)
+        a = accuracy_ci(r['correct'])
+        rows.append(dict(preprocessing=name, crop_pct=round(crop, 4), interpolation=interp, accuracy=a['value'],
+                         ci_low=a['ci_low'], ci_high=a['ci_high'], n=a['n'], correct=r['correct']))
+    t = pd.DataFrame(rows)
+    for i in (1, 2):  # paired against timm's own pipeline, same images
+        p = mcnemar(t.correct[i], t.correct[0]); t.loc[i, 'diff_vs_timm'] = p['diff']; t.loc[i, 'p_vs_timm'] = p['p_value']
+    return t.drop(columns='correct')

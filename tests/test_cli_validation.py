@@ -135,6 +135,7 @@ def test_case4_and_8_resume_checks_configuration(world):
     try: main(finetune_args(world, out))  # resume to the end
     finally: os.umask(umask)
     assert not orphan.exists() and (out / 'model.safetensors').exists()
+    assert not (out / 'state.pt').exists()  # finished: the resume state is removed, the run is reused from its model
     assert oct((out / 'model.safetensors').stat().st_mode & 0o777) == '0o644'
     card = json.loads((out / 'model.json').read_text())
     assert card['finetune']['lr'] == 1e-3 and len(card['weights_sha256']) == 64

@@ -285,6 +285,50 @@ tok = lambda x: d0.vit.patch_embed(d0.normalize(x))  # (B, N, D)
 test_close(tok(x32 + project_to_nullspace(d0, torch.randn_like(x32))), tok(x32), eps=1e-4)
 
 # %% [markdown]
+# ## Which pixel patterns the nullspace holds
+# Which directions of a patch the model cannot see decides what nullspace noise can do to an image (Figure 7). Each
+# P×P 2-D DCT-II pattern (orthonormal; Ahmed, Natarajan & Rao, "Discrete Cosine Transform", IEEE Trans. Computers 1974)
+# is put into colour as luminance (the same pattern in R, G and B) or as one of two opponent chroma directions (R − G,
+# R + G − 2B), normalised; `null_spectrum` measures the share of each such pattern's energy that lies in the nullspace,
+# ‖Q v‖² for the orthonormal basis rows Q. The 3·P² coloured patterns are an orthonormal basis of the patch space, so the
+# shares sum to the nullspace dimension, and a random subspace of that dimension gives every pattern the same share on
+# average (k / 3P², 1/3 for the default model).
+
+# %%
+#| export
+OPPONENT_COLOURS = dict(luminance=(1., 1., 1.), red_green=(1., -1., 0.), blue_yellow=(1., 1., -2.))  # normalised in use
+
+def dct_basis(p: int) -> Tensor:
+    "Orthonormal 2-D DCT-II patterns of a p×p patch, (p·p, p, p) float64, ordered by frequency (u, v)."
+    i = torch.arange(p, dtype=torch.float64)
+    c = torch.cos(torch.pi * (2 * i[None] + 1) * i[:, None] / (2 * p)) * (2 / p) ** 0.5  # (u, i)
+    c[0] /= 2 ** 0.5
+    return torch.einsum('ui,vj->uvij', c, c).reshape(p * p, p, p)
+
+def null_spectrum(basis: Tensor, p: int) -> dict[str, Tensor]:
+    "Share of each coloured DCT pattern's energy in the span of `basis` (k, 3·p·p) orthonormal rows: {colouring: (p, p)}."
+    if basis.ndim != 2 or basis.shape[1] != 3 * p * p:
+        raise ValueError(f'basis must be (k, 3·{p}·{p} = {3 * p * p}) with rows over (channel, row, column); got {tuple(basis.shape)}')
+    d, out = dct_basis(p), {}
+    for name, colour in OPPONENT_COLOURS.items():
+        c = torch.tensor(colour, dtype=torch.float64); c = c / c.norm()
+        patterns = (c[None, :, None, None] * d[:, None]).reshape(p * p, -1)  # (p·p, 3·p·p), unit norm each
+        out[name] = (basis.double() @ patterns.T).pow(2).sum(0).view(p, p)
+    return out
+
+
+# %%
+D = dct_basis(8).reshape(64, 64)
+test_close(D @ D.T, torch.eye(64, dtype=torch.float64), eps=1e-12)  # orthonormal
+test_close(torch.stack(list(null_spectrum(torch.eye(192), 8).values())), torch.ones(3, 8, 8), eps=1e-12)  # the whole space
+test_eq(torch.stack(list(null_spectrum(torch.zeros(0, 192), 8).values())).abs().sum().item(), 0)  # nothing
+dc = (torch.ones(3, 8, 8, dtype=torch.float64) / (3 * 64) ** 0.5).reshape(1, -1)  # the grey DC pattern alone
+s = null_spectrum(dc, 8); test_close(s['luminance'][0, 0].item(), 1.0); test_close(sum(v.sum() for v in s.values()).item(), 1.0)
+spec = null_spectrum(patch_embed_nullspace(d0), 8)  # shares sum to the nullspace dimension
+test_close(sum(v.sum() for v in spec.values()).item(), float(null_dims(d0)['null_dim_numerical']), eps=1e-9)
+test_fail(lambda: null_spectrum(torch.zeros(2, 190), 8), contains='(k, 3·8·8 = 192)')
+
+# %% [markdown]
 # ## Models without a patch-wise nullspace
 # An overlapping patch embedding (kernel 16, stride 8) mixes neighbouring patches, so there is no patch-wise
 # nullspace; a CNN has no patch embedding at all. Both get a clear error:

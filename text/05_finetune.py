@@ -308,17 +308,25 @@ def _new_state(model: PixelViT, cfg: FinetuneConfig):
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay)) if cfg.ema_decay > 0 else None
     return opt, sched, ema
 
-def _load_state(path: Path, model, opt, sched, ema, cfg: FinetuneConfig) -> dict | None:
-    "Restore a checkpointed run in place (step, delta, logs); an unreadable file is set aside with a warning (None)."
-    try: st = torch.load(path, map_location=model_device(model), weights_only=True)
+def read_state(path: str | Path, cfg: FinetuneConfig, map_location='cpu', mmap: bool = False) -> dict | None:
+    "A run's checkpoint `path` if saved under `cfg` (else ValueError); an unreadable one is set aside, warned, and None returned."
+    path = Path(path)
+    try: st = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
-        if rank_world()[0] == 0:
+        if rank_world()[0] == 0 and path.exists():
             aside = path.with_name(f'{path.name}.unreadable-{int(time.time())}'); path.rename(aside)
             warnings.warn(f'{path} is unreadable ({type(e).__name__}: truncated or corrupt): moved to {aside.name}; the run starts over')
         return None
     stored = st.get('cfg') or {}
     diff = [f'{k}: {stored.get(k)!r} → {v!r}' for k, v in asdict(cfg).items() if k in stored and stored[k] != v]
-    if diff: raise ValueError(f'{path} was saved by a run with other settings ({", ".join(diff)}): resume with the same settings or use another run folder')
+    if diff: raise ValueError(f'{path} was saved by a run with other settings ({", ".join(diff)}): resume with the same '
+                              f'settings, or use another run folder (or delete {path.parent})')
+    return st
+
+def _load_state(path: Path, model, opt, sched, ema, cfg: FinetuneConfig) -> dict | None:
+    "Restore a checkpointed run in place (step, delta, logs); None when there is nothing readable to restore."
+    st = read_state(path, cfg, model_device(model))
+    if st is None: return None
     model.load_state_dict(st['model']); opt.load_state_dict(st['opt']); sched.load_state_dict(st['sched'])
     if ema is not None: ema.load_state_dict(st['ema'])
     return st
@@ -589,11 +597,13 @@ smoke = smoke or in_test()
 metrics, overrides, n = param(metrics), param(overrides), param(n) or None
 if smoke:
     overrides = dict(steps=4, batch_size=16, refresh_every=2, noise_max_steps=20, noise_batch=16) | overrides
-    train_fraction, eval_size, eval_every, heldout_size = 0.002, 40, 2, 64
-    metrics, n = ['clean', 'fgsm_small', 'pgd_small'], dict(clean=200, fgsm_small=32, pgd_small=32)
-    runs_root = runs_root or str(repo_root() / 'runs/smoke/finetune')
-    out = out or str(Path(runs_root) / f'{method}-eps{eps}')
-    import shutil; shutil.rmtree(runs_root, ignore_errors=True)  # smoke runs start afresh
+    eval_size, eval_every, heldout_size = 40, 2, 64
+    if dataset == 'cifar10': train_fraction = 0.002  # an ImageFolder fixture is used whole
+    metrics, n = ['clean', 'fgsm_small', 'pgd_small'], n or dict(clean=200, fgsm_small=32, pgd_small=32)
+    if not runs_root:  # smoke runs start afresh in their own folder (a folder the caller passed is left as it is)
+        runs_root = str(repo_root() / 'runs/smoke/finetune')
+        import shutil; shutil.rmtree(runs_root, ignore_errors=True)
+        out = out or str(Path(runs_root) / f'{method}-eps{eps}')
 torch.set_num_threads(threads)
 cfg = noise_variant(noise, method=method, eps=eps, seed=seed, **overrides)  # every value checked here, before any work
 ctl = replace(cfg, method=control).validate() if control and control != method else None

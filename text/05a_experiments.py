@@ -27,7 +27,7 @@ from ns_vit.data import load_images, cifar10, image_folder, repo_root
 from ns_vit.training import atomic_save, rank_world, claim_run_dir, run_lock, clean_tmp
 from ns_vit.models import PixelViT, accuracy, get_model, save_checkpoint, load_checkpoint, weights_digest
 from ns_vit.attacks import adversarial_accuracy
-from ns_vit.finetune import FinetuneConfig, finetune
+from ns_vit.finetune import FinetuneConfig, finetune, read_state
 from ns_vit.evaluate import evaluate_models
 
 
@@ -114,22 +114,12 @@ def run_finetune(cfg: FinetuneConfig, *,
             save_checkpoint(res['model'], run_dir / 'model.safetensors', _card(res['model'], model, checkpoint, dataset, cfg, train_fraction))
             atomic_save(dict(config=asdict(cfg), logs=res['logs'], wall_time_s=time.time() - t0),
                         run_dir / 'metrics.json', lambda o, p: Path(p).write_text(json.dumps(o, indent=2)))
+            (run_dir / 'state.pt').unlink(missing_ok=True)  # finished: the resume state (weights + optimiser) is no longer needed
     return dict(model=res['model'], base=base, run_dir=run_dir, logs=res['logs'], cached=False, done=res['done'])
 
-def check_state(run_dir: Path, cfg: FinetuneConfig) -> None:
-    "Refuse `run_dir/state.pt` saved under another configuration; set an unreadable one aside (warned): the run restarts."
-    path = Path(run_dir) / 'state.pt'
-    if not path.exists(): return
-    try: stored = torch.load(path, map_location='cpu', weights_only=True, mmap=True).get('cfg') or {}
-    except Exception as e:
-        if rank_world()[0] != 0: return
-        aside = path.with_name(f'state.pt.unreadable-{int(time.time())}'); path.rename(aside)
-        warnings.warn(f'{path} is unreadable ({type(e).__name__}: truncated or corrupt): moved to {aside.name}; '
-                      'the run starts over from step 0')
-        return
-    diff = [f'{k}: {stored.get(k)!r} → {v!r}' for k, v in asdict(cfg).items() if stored.get(k) != v]
-    if diff: raise ValueError(f'{path} was saved by a run with other settings ({", ".join(diff)}): resume with the same '
-                              f'settings, pass another --out, or delete {run_dir}')
+def check_state(run_dir: str | Path, cfg: FinetuneConfig) -> None:
+    "Before any work: refuse `run_dir/state.pt` saved under another configuration, set an unreadable one aside (`read_state`)."
+    if (Path(run_dir) / 'state.pt').exists(): read_state(Path(run_dir) / 'state.pt', cfg, mmap=True)
 
 def _card(m: PixelViT, model: str, checkpoint: str, dataset: str, cfg: FinetuneConfig, train_fraction: float) -> dict:
     "The model card of a finetuned model: base architecture plus how it was finetuned."

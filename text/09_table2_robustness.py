@@ -10,7 +10,10 @@
 # plain finetuning (`none`) and norm-matched random-noise finetuning (`gaussian`) with identical steps, data and
 # schedule, next to PGD adversarial training (`madry`) and TRADES. All models are scored on the same images, so the
 # paired tests at the end say which differences are real. ImageNet users pass `-p suite imagenet` with a timm model,
-# its weights and `-p data '{"val": ..., "a": ..., ...}'`.
+# its weights, `-p dataset <ImageNet root with train/ and val/>` and the folders of the other sets, `-p data '{"damagenet":
+# …, "a": …, "r": …, "v2": …, "imagenet_c": …, "sketch": …, "stylized": …}'` (the layouts: `ns_vit.shifts.SHIFTS`),
+# with `-p n '{"patch_fool": 1000, …}'` for the sample sizes and `-p overrides '{…}'` for any `FinetuneConfig` field,
+# as in 05; `tests/test_imagenet_protocol.py` runs exactly this on fixture folders, column by column.
 #
 # Sample sizes (why): clean accuracy on all 10,000 test images; FGSM/PGD on 1,000; CW-L2 and Patch-Fool on 200
 # (iterative attacks, the costliest columns; at their standard budgets they fool every image of the default model, so
@@ -37,8 +40,10 @@ checkpoint: str = ''  # weights: '' (default model's), a local file, or 'hub'
 dataset: str = 'cifar10'  # 'cifar10' or an ImageFolder root with train/ and val/
 train_fraction: float = 1.0  # share of the training set to finetune on
 steps: int = 400  # optimiser steps per run (FinetuneConfig's default: runs are shared with notebooks 05, 07, 08)
+overrides: dict = {}  # any other FinetuneConfig field, as in 05 (same overrides, same run folders)
 suite: str = 'cifar10'  # 'cifar10' or 'imagenet' (evaluation suite of ns_vit.evaluate)
 data: dict = {}  # folders of the sets a user supplies, e.g. {"cifar10_1": "/data/cifar10.1"}
+n: dict = {}  # images per metric, e.g. {"patch_fool": 500}; {} → the suite's defaults
 seed: int = 0  # seed of the finetuning runs and of the evaluation samples
 device: str = 'cpu'  # 'cpu', 'cuda', ...
 threads: int = 2  # CPU threads for torch
@@ -49,18 +54,20 @@ smoke: bool = False  # tiny run for tests (written under runs/smoke/)
 # %%
 #| notest
 smoke = smoke or in_test()
-methods, data = param(methods), param(data)
+methods, data, overrides, n = param(methods), param(data), param(overrides), param(n) or None
 torch.set_num_threads(threads)
-n = None
-cfg_kw = dict(eps=eps, steps=steps, seed=seed)
+cfg_kw = dict(dict(eps=eps, steps=steps, seed=seed), **overrides)
 metrics = suite
-if smoke:
-    import shutil
-    runs_root = str(repo_root() / 'runs/smoke/finetune/table2'); shutil.rmtree(runs_root, ignore_errors=True)
-    cfg_kw.update(steps=2, batch_size=16, refresh_every=2, noise_max_steps=10, noise_batch=16, adv_steps=1)
-    methods, train_fraction = [m for m in methods if m in ('none', 'ns')], 0.002
-    metrics, n = ['clean', 'patch_fool', 'cw', 'fgsm', 'fgsm_small', 'pgd_small', 'damagenet', 'cifar10_c'], \
-        dict(clean=64, patch_fool=4, cw=4, fgsm=32, fgsm_small=32, pgd_small=32, damagenet=16, cifar10_c=8)
+if smoke:  # tiny runs; what the caller passed (runs_root, overrides, n, an ImageFolder dataset) is kept
+    if not runs_root:
+        import shutil
+        runs_root = str(repo_root() / 'runs/smoke/finetune/table2'); shutil.rmtree(runs_root, ignore_errors=True)
+    cfg_kw = dict(eps=eps, seed=seed, steps=2, batch_size=16, refresh_every=2, noise_max_steps=10, noise_batch=16, adv_steps=1) | overrides
+    methods = [m for m in methods if m in ('none', 'ns')]
+    if dataset == 'cifar10': train_fraction = 0.002
+    if suite == 'cifar10':
+        metrics = ['clean', 'patch_fool', 'cw', 'fgsm', 'fgsm_small', 'pgd_small', 'damagenet', 'cifar10_c']
+        n = n or dict(clean=64, patch_fool=4, cw=4, fgsm=32, fgsm_small=32, pgd_small=32, damagenet=16, cifar10_c=8)
 configs = {m: FinetuneConfig(method=m, **cfg_kw).validate() for m in methods}
 check_request(metrics, n, data)  # suite, metric names, n and data folders: checked before any finetuning
 params = dict(cfg_kw, methods=methods, model=model, checkpoint=checkpoint, dataset=dataset, train_fraction=train_fraction,

@@ -542,6 +542,9 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from ns_vit.data import load_images, repo_root, CIFAR10_CLASSES
 from ns_vit.models import get_model, DEFAULT_CHECKPOINT, experiment_model
 from ns_vit.report import report_dir, write_meta, save_table, save_figure, in_test
+from ns_vit.training import atomic_save
+from ns_vit.nullspace import null_spectrum
+from pathlib import Path
 from ns_vit.stats import accuracy_ci, mean_ci, fmt_ci
 smoke = smoke or in_test()
 if smoke: n_images, n_pairs, n_show, iters, big_size, n_big, threads = 32, 16, 2, 200, 64, 2, 1
@@ -555,32 +558,16 @@ net = experiment_model(model, checkpoint, device, smoke=smoke)  # smoke runs on 
 Q = patch_embed_nullspace(net)  # (k, n), pixel space
 print(null_dims(net))
 
-
 # %% [markdown]
 # ### Which pixel patterns can move
-# The nullspace has 64 of the 192 dimensions of a patch, but *which* 64 matters for what a target can do. Each 8×8 DCT
-# pattern is put into colour as luminance (the same pattern in R, G and B) or as one of two opponent chroma
-# directions (R − G, R + G − 2B), normalised, and we measure the share of its energy that lies in the nullspace,
-# ‖Q v‖². A random 64-dimensional subspace would give 1/3 for every pattern; the random-init default architecture shows
-# that baseline. What a *real* difference between two images can move is measured directly below (`null_share`: the
+# The nullspace holds a share of a patch's dimensions (`null_dims`, printed above), but *which* directions matters for
+# what a target can do. `null_spectrum` (notebook 03) puts each P×P DCT pattern into colour as luminance or as one of two
+# opponent chroma directions and measures the share of its energy that lies in the nullspace, ‖Q v‖². A random subspace
+# of the same dimension gives every pattern the same share on average (k / 3P²); the random-init default architecture
+# shows that baseline. What a *real* difference between two images can move is measured directly below (`null_share`: the
 # fraction of ‖t − x‖² that lies in the nullspace).
 
 # %%
-def dct_basis(p: int) -> Tensor:
-    "Orthonormal 2-D DCT-II patterns (p·p, p, p), ordered by (u, v)."
-    i = torch.arange(p, dtype=torch.float64)
-    c = torch.cos(torch.pi * (2 * i[None] + 1) * i[:, None] / (2 * p)) * (2 / p) ** 0.5  # (u, i)
-    c[0] /= 2 ** 0.5
-    return torch.einsum('ui,vj->uvij', c, c).reshape(p * p, p, p)
-
-def null_spectrum(Q: Tensor, p: int) -> dict[str, Tensor]:
-    "Share of each DCT pattern's energy in the nullspace `Q` (k, 3·p·p), for luminance and two chroma colourings, (p, p) each."
-    colours = dict(luminance=torch.tensor([1., 1, 1]) / 3 ** 0.5, red_green=torch.tensor([1., -1, 0]) / 2 ** 0.5,
-                   blue_yellow=torch.tensor([1., 1, -2]) / 6 ** 0.5)
-    d = dct_basis(p)  # (p*p, p, p)
-    return {k: (Q @ (c.double()[None, :, None, None] * d[:, None]).reshape(p * p, -1).T).pow(2).sum(0).view(p, p)
-            for k, c in colours.items()}
-
 torch.manual_seed(seed)
 spec = {'trained default': null_spectrum(Q, 8), 'random-init default': null_spectrum(patch_embed_nullspace(default_vit()), 8)}
 big = create_vit(big_model, img_size=big_size).eval()  # random init, seeded above
@@ -789,14 +776,33 @@ assert big_rel < 1e-3 and (i_big['null_share'] > i_lk['null_share'][:n_big]).all
 # every pixel by up to 1/510, and the part of that rounding outside the nullspace changes the logits by up to a few
 # hundredths: a watermarked PNG is *not* exactly the same input to the model, though predictions rarely change.
 #
-# **What "looks like the target" means here.** On the default model only about a tenth of ‖t − x‖² for natural
-# targets lies in the nullspace, and the spectrum above says why: the trained patch embedding keeps the low spatial
-# frequencies and colour averages (DC luminance ≈ 0.12 null, chroma DC ≈ 0.03) for itself and leaves mostly high
-# frequencies free, where a random patch embedding of the same shape would leave a third of every pattern free. So
-# the transformed image keeps the source's coarse layout and colours, and what it gains from the target is a
-# high-frequency, colourful texture correlated with the target's edges; it does not look like the target to a person
-# (SSIM to the target rises only a little), and a mark is "embossed" rather than visible as a logo. PSNR to the mark
-# barely moves from the source's. With a large, isotropic nullspace — the random-init ViT-S/32, 87.5% of each patch —
-# the same algorithm turns the source into a recognisable, noisy copy of the target while the logits stay fixed: the
-# paper's Figure 7 depends on such a model. Numbers that hold for the trained default model only are measured above;
-# a trained ImageNet ViT-S/32 was not available offline and is not measured.
+# **What "looks like the target" means here.** How much of a target a look-alike can take is bounded by the share of
+# ‖t − x‖² that lies in the nullspace, and which part it takes follows the spectrum above: the patterns the trained
+# patch embedding keeps for itself cannot move. The numbers of the trained default model — the null share, the spectrum
+# against the random-init baseline, and in which frequency band the distance to the target shrinks or grows — are
+# generated below from `fig7_lookalike.md` and `nullspace_spectrum.md`; on this model a look-alike keeps the source's
+# coarse layout and does not look like the target to a person (Figure 7, third column), and a mark is "embossed"
+# rather than visible as a logo. With a large, isotropic nullspace — the random-init ViT-S/32 — the same algorithm
+# turns the source into a recognisable, noisy copy of the target while the logits stay fixed (Figure 7, right
+# columns): the paper's Figure 7 depends on such a model. A trained ImageNet ViT-S/32 was not available offline and is
+# not measured.
+
+# %%
+sp = spectrum.set_index(['model', 'colour'])
+lum, chroma_dc = sp.loc[('trained default', 'luminance')], sp.loc['trained default'].loc[['red_green', 'blue_yellow'], 'dc'].mean()
+random_mean = sp.loc['random-init default', 'mean'].mean()
+band = lambda v: f'shrinks by {v:.1%}' if v > 0 else f'grows by {-v:.1%}'
+nd_big = null_dims(big)
+s7b = summary7.set_index(['model', 'metric'])
+big_share = s7b.loc[(f'{big_model} (first {n_big} pairs)', 'null_share'), 'mean'] if n_big else float('nan')
+reading = (f"On the trained default model a mean {s7.loc['null_share', 'mean']:.3f} of ‖t − x‖² lies in the nullspace "
+           f"(n = {n_pairs} pairs). The trained patch embedding leaves {lum.dc:.2f} of the luminance DC pattern null "
+           f"(chroma DC {chroma_dc:.2f}; lowest 2×2 luminance frequencies {lum.lowest_2x2:.2f}, highest row and column "
+           f"{lum.highest_row_col:.2f}), where its random-init architecture leaves {random_mean:.2f} of a pattern null on "
+           f"average. The look-alike's distance to the target {band(s7.loc['lowpass_reduction', 'mean'])} in the low-pass "
+           f"band and {band(s7.loc['highpass_reduction', 'mean'])} in the high-pass band; SSIM to the target "
+           f"{s7.loc['ssim_target_before', 'mean']:.3f} → {s7.loc['ssim_target_after', 'mean']:.3f}. The random-init "
+           f"{big_model} has {nd_big['null_dim_numerical']} of {nd_big['input_dim']} dimensions of a patch null, and "
+           f"{big_share:.3f} of ‖t − x‖² of its first {n_big} pairs lies in its nullspace.")
+atomic_save(reading + '\n', rep7 / 'reading.md', lambda o, q: Path(q).write_text(o))
+print(reading)

@@ -258,35 +258,10 @@ display(during_summary); display(after_summary); norm_diffs
 
 # %%
 #| notest
-def preprocessing_scores(m: torch.nn.Module, root: str, n_images: int | None) -> pd.DataFrame:
-    "Clean accuracy of `m` on the same validation images under three preprocessing pipelines."
-    from ns_vit.shifts import ShiftSet, shift_accuracy
-    from ns_vit.data import pixel_transform
-    from torchvision.datasets import ImageFolder
-    cfg = getattr(as_vit(m), 'pretrained_cfg', {}) or {}
-    size = int(as_vit(m).patch_embed.img_size[0])
-    own_mean, own_std = m.mean.clone(), m.std.clone()
-    variants = [('timm pretrained_cfg', cfg.get('crop_pct', 0.875), cfg.get('interpolation', 'bicubic'), None),
-                ("paper's transform (crop 0.875), model's own mean/std", 224 / 256, 'bicubic', None),
-                ("paper's transform, ImageNet mean/std", 224 / 256, 'bicubic', ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))]
-    rows = []
-    for name, crop, interp, norm in variants:
-        ds = ImageFolder(str(root), transform=pixel_transform(size, crop, interp))
-        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n_images or len(ds)].tolist()
-        if norm is not None: m.mean.copy_(torch.tensor(norm[0]).view_as(m.mean)); m.std.copy_(torch.tensor(norm[1]).view_as(m.std))
-        try: r = shift_accuracy(m, ShiftSet(name, torch.utils.data.Subset(ds, idx), None, (), str(root)), 250, 0 if smoke else 8)
-        finally: m.mean.copy_(own_mean); m.std.copy_(own_std)
-        from ns_vit.stats import accuracy_ci
-        a = accuracy_ci(r['correct'])
-        rows.append(dict(preprocessing=name, crop_pct=round(crop, 4), interpolation=interp, accuracy=a['value'], ci_low=a['ci_low'],
-                         ci_high=a['ci_high'], n=a['n'], correct=r['correct']))
-    t = pd.DataFrame(rows)
-    for i in (1, 2):  # paired against timm's own pipeline, same images
-        p = mcnemar(t.correct[i], t.correct[0]); t.loc[i, 'diff_vs_timm'] = p['diff']; t.loc[i, 'p_vs_timm'] = p['p_value']
-    return t.drop(columns='correct')
+from ns_vit.shifts import preprocessing_scores
 
 if imagenet:
-    prep = preprocessing_scores(base_model, str(Path(dataset) / 'val'), None if not smoke else 4)
+    prep = preprocessing_scores(base_model, Path(dataset) / 'val', None if not smoke else 4, num_workers=0 if smoke else 8)
     save_table(prep, rep, 'imagenet_preprocessing')
     display(prep)
 else: print('CIFAR-10: no ImageNet preprocessing question here (pass -p dataset <imagenet root>)')
