@@ -106,7 +106,7 @@ def project_to_nullspace(model: nn.Module, x: Tensor, basis: Tensor | None = Non
     p = Q.T @ (Q @ p)  # (B, C*ph*pw, L)
     return F.fold(p, (H, W), P, stride=P).to(x.dtype)  # (B, C, H, W)
 
-# %% ../nbs/03_nullspace.ipynb #2eccedc8
+# %% ../nbs/03_nullspace.ipynb #d10066be
 OPPONENT_COLOURS = dict(luminance=(1., 1., 1.), red_green=(1., -1., 0.), blue_yellow=(1., 1., -2.))  # normalised in use
 
 def dct_basis(p: int) -> Tensor:

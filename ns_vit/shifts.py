@@ -304,7 +304,7 @@ def shift_accuracy(model: nn.Module, shift: ShiftSet, batch_size: int = 250, num
     correct = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
     return dict(correct=correct, accuracy=correct.float().mean().item() if len(correct) else float('nan'), n=len(correct))
 
-# %% ../nbs/06c_shifts.ipynb #7dac4852
+# %% ../nbs/06c_shifts.ipynb #c9149bfc
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def preprocessing_scores(model: PixelViT, root: str | Path, n_images: int | None = None, *, seed: int = 0,
