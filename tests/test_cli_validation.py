@@ -213,7 +213,7 @@ def test_issue16_imagenet_c_column_by_hand(world, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # "2 class folders, not 1000"
         main(['--checkpoint', str(world['ckpt']), '--suite', 'imagenet', '--data', f'imagenet_c={tmp_path / "inc"}',
-              '--workers', '0', '--out', str(tmp_path / 'inet'), '--device', 'cpu'])
+              '--num-workers', '0', '--out', str(tmp_path / 'inet'), '--device', 'cpu'])
     df = __import__('pandas').read_csv(tmp_path / 'inet.csv').set_index('metric')
     model = load_checkpoint(world['ckpt'])[0]
     ok = np.zeros((75, 4))  # cells × images, images in ImageFolder order (class folder, then name)

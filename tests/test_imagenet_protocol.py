@@ -131,7 +131,7 @@ def test_imagenet_protocol_end_to_end(world, tmp_path):
     # 2. the evaluation CLI with every column of the paper's Table 2
     out = tmp_path / 'base'
     r = subprocess.run([sys.executable, '-c', 'from ns_vit.evaluate import main; main()', '--checkpoint', str(world['ckpt']),
-                        '--suite', 'imagenet', '--n', '3', 'patch_fool=1', 'cw=1', '--workers', '0', '--device', 'cpu', '--out', str(out),
+                        '--suite', 'imagenet', '--n', '3', 'patch_fool=1', 'cw=1', '--num-workers', '0', '--device', 'cpu', '--out', str(out),
                         '--data', *[f'{k}={v}' for k, v in data.items()]], cwd=ROOT, capture_output=True, text=True, env=_env(tmp_path))
     assert r.returncode == 0, r.stderr[-4000:]
     cli = pd.read_csv(f'{out}.csv').set_index('metric')
@@ -177,7 +177,7 @@ def test_imagenet_protocol_end_to_end(world, tmp_path):
     _papermill('09_table2_robustness.ipynb', tmp_path / '09.ipynb',
                dict(smoke=True, suite='imagenet', model='default', checkpoint=str(world['ckpt']), dataset=str(d / 'imagenet'),
                     methods=['none', 'ns'], overrides=OVERRIDES, runs_root=str(runs), report=f'{REPORT}/table2',
-                    data={**{k: v for k, v in data.items() if k != 'val'}, 'workers': 0},
+                    data={**{k: v for k, v in data.items() if k != 'val'}, 'num_workers': 0},
                     n={k: (1 if k in ('patch_fool', 'cw') else 3) for k in cli.index}))  # as the CLI's: the base's scores come from the cache
     rep9 = ROOT / 'runs' / 'smoke' / 'reports' / REPORT / 'table2'
     values = pd.read_csv(rep9 / 'table2_values.csv').set_index('model')

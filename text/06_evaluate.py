@@ -196,14 +196,14 @@ def _per_cell(table: pd.DataFrame, per: dict, **extra) -> dict:
 
 def _score(model, name: str, m: Metric, n: int | None, data: dict, seed: int, batch_size: int, quiet: bool, inputs) -> dict:
     "Per-image correctness and extras of one metric (uncached), on `inputs` from `_inputs`."
-    size, workers = _img_size(model), int(data.get('workers', 4))
+    size, num_workers = _img_size(model), int(data.get('num_workers', 4))
     if m.kind == 'clean':
         if 'val' in data:  # an ImageFolder validation set, decoded by DataLoader workers
-            return shift_accuracy(model, _folder_set(data['val'], n, seed, size), batch_size, workers, quiet)
+            return shift_accuracy(model, _folder_set(data['val'], n, seed, size), batch_size, num_workers, quiet)
         x, y = inputs
         return dict(correct=predict(model, x, batch_size).argmax(1) == y)
     if m.kind == 'attack':
-        x, y = _folder_images(data['val'], n, seed, size, workers) if 'val' in data else inputs
+        x, y = _folder_images(data['val'], n, seed, size, num_workers) if 'val' in data else inputs
         s = dict(m.settings); attack = s.pop('attack')
         r = run_attack(model, x[:n], y[:n], attack, batch_size=min(batch_size, 250), seed=seed, quiet=quiet, **s)
         return {k: v for k, v in r.items() if k not in ('adv_accuracy', 'n')}
@@ -212,13 +212,13 @@ def _score(model, name: str, m: Metric, n: int | None, data: dict, seed: int, ba
         return dict(correct=predict(model, x, batch_size).argmax(1) == y)
     if m.kind == 'corruptions' and m.needs:  # ImageNet-C: mCE against AlexNet's errors beside the mean accuracy
         table, per = imagenet_c_accuracy(model, data[m.needs], n, seed, img_size=size, batch_size=batch_size,
-                                         num_workers=workers, quiet=quiet)
+                                         num_workers=num_workers, quiet=quiet)
         return _per_cell(table, per, mce=mce(table))
     if m.kind == 'corruptions': return _per_cell(*corruption_accuracy(model, inputs, batch_size, per_image=True, quiet=quiet))
     if m.kind == 'shift':
         info = SHIFTS[m.settings['shift']]
         shift = info.loader(data[m.needs], img_size=size) if info.scale == 'imagenet' else info.loader(data[m.needs])
-        return shift_accuracy(model, shift, batch_size, workers, quiet)
+        return shift_accuracy(model, shift, batch_size, num_workers, quiet)
     raise ValueError(f'unknown metric kind {m.kind!r}')
 
 def _img_size(model: nn.Module) -> int:
@@ -232,10 +232,10 @@ def _folder_set(root, n: int | None, seed: int, img_size: int = 224):
     if n: ds = torch.utils.data.Subset(ds, torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].tolist())
     return ShiftSet('val', ds, None, (), str(root))
 
-def _folder_images(root, n: int | None, seed: int, img_size: int, workers: int) -> tuple[Tensor, Tensor]:
-    "A seeded sample of n validation images as tensors (attacks need them in memory), decoded by workers."
+def _folder_images(root, n: int | None, seed: int, img_size: int, num_workers: int) -> tuple[Tensor, Tensor]:
+    "A seeded sample of n validation images as tensors (attacks need them in memory), decoded by `num_workers` DataLoader workers."
     ds = _folder_set(root, n, seed, img_size).dataset
-    xs, ys = zip(*torch.utils.data.DataLoader(ds, batch_size=256, num_workers=workers))
+    xs, ys = zip(*torch.utils.data.DataLoader(ds, batch_size=256, num_workers=num_workers))
     return torch.cat(xs), torch.cat(ys)
 
 
@@ -260,10 +260,10 @@ class PerImage(dict):
     __hash__ = object.__hash__
 
 def data_keys(suite: str | list[str]) -> list[str]:
-    "The `data` keys `evaluate` accepts with `suite`: the folders its metrics read, 'val', 'workers' and optional sets."
+    "The `data` keys `evaluate` accepts with `suite`: the folders its metrics read, 'val', 'num_workers' and optional sets."
     needs = [m.needs for m in suite_metrics(suite).values() if m.needs]
     extra = [] if suite == 'imagenet' else ['cifar10_c', *CIFAR10_SHIFTS]
-    return list(dict.fromkeys(['val', *needs, *extra, 'workers']))
+    return list(dict.fromkeys(['val', *needs, *extra, 'num_workers']))
 
 def check_request(suite: str | list[str], n: int | dict | None = None, data: dict | None = None) -> dict:
     "Validate a request before any work (suite and metric names, n ≥ 1, data keys and folders); return `data` as a dict."
@@ -271,8 +271,8 @@ def check_request(suite: str | list[str], n: int | dict | None = None, data: dic
     bad = [k for k in data if k not in valid]
     if bad: raise ValueError(f'unknown data keys {bad}; with suite {suite!r} the valid keys are {valid}')
     for k, v in data.items():
-        if k == 'workers':
-            if not str(v).isdigit(): raise ValueError(f'data workers must be an integer >= 0, got {v!r}')
+        if k == 'num_workers':
+            if not str(v).isdigit(): raise ValueError(f'data num_workers must be an integer >= 0, got {v!r}')
         elif not Path(v).expanduser().exists(): raise ValueError(f'data {k}={v}: {v} does not exist; pass the folder that holds it')
     sizes = n if isinstance(n, dict) else {'n': n}
     bad = [k for k in sizes if isinstance(n, dict) and k not in metrics]
@@ -360,7 +360,7 @@ with tempfile.TemporaryDirectory() as d:
     torch.manual_seed(0)
     big = create_vit('vit_tiny_patch16_224', img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=1000).eval()
     ri = evaluate(big, 'imagenet', n={'patch_fool': 2, 'cw': 2, 'fgsm': 4},
-                  data={'val': Path(d) / 'val', 'v2': Path(d) / 'v2', 'workers': 0}, quiet=True)
+                  data={'val': Path(d) / 'val', 'v2': Path(d) / 'v2', 'num_workers': 0}, quiet=True)
     del os.environ['NS_VIT_CACHE']
 ri = ri.set_index('metric')
 test_eq(ri.loc['clean', 'n'], 4); test_eq(ri.loc['v2', 'n'], 4); test_eq(ri.loc['fgsm', 'n'], 4)
@@ -510,7 +510,7 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument('--n', nargs='+', type=_sample_size, default=None, metavar='N|METRIC=N',
                    help="a cap on every metric's sample size, and/or metric=N sizes for single metrics (each >= 1)")
     p.add_argument('--data', nargs='*', default=[], help='name=folder pairs for sets that must be supplied')
-    p.add_argument('--workers', type=int, default=4, help='DataLoader workers decoding image folders')
+    p.add_argument('--num-workers', '--workers', dest='num_workers', type=int, default=4, help='DataLoader workers decoding image folders')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', default='evaluation', help='output name: writes <out>.csv and <out>.md (dots kept)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -528,7 +528,7 @@ def main(argv: list[str] | None = None) -> None:
     bad = [d for d in a.data if '=' not in d]
     if bad: p.error(f'--data takes name=folder pairs, got {bad}')
     data, suite = dict(d.split('=', 1) for d in a.data), a.suite.split(',') if ',' in a.suite else a.suite
-    try: n = sample_sizes(a.n, suite); data = check_request(suite, n, data) | {'workers': a.workers}
+    try: n = sample_sizes(a.n, suite); data = check_request(suite, n, data) | {'num_workers': a.num_workers}
     except ValueError as e: p.error(str(e))  # exit 2 with the message, before any work
     model = get_model(a.model, a.checkpoint, a.device)
     df = evaluate(model, suite, n, data, a.seed)

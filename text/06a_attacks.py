@@ -1,7 +1,8 @@
 # %% [markdown]
 # # Attacks
-# > White-box attacks on [0, 1]-input ViTs with every budget written into the result: FGSM, PGD, TRADES-PGD, CW-L2
-# > (torchattacks' bugs fixed; fixed c or C&W's binary search), CW∞, AutoAttack (torchattacks), Patch-Fool, presets.
+# > White-box attacks on [0, 1]-input ViTs, each budget written into its result: FGSM, PGD, TRADES-PGD, CW-L2 (fixed c or C&W's binary search), CW∞, AutoAttack, Patch-Fool, presets.
+#
+# torchattacks' bugs in CW-L2 are fixed here; AutoAttack is torchattacks' own.
 
 # %%
 #| default_exp attacks

@@ -96,7 +96,7 @@ if smoke:
                 (Path(dataset) / split / c).mkdir(parents=True, exist_ok=True)
                 for i in range(k): Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(Path(dataset) / split / c / f'{i}.jpg')
 imagenet = dataset != 'cifar10'
-if imagenet: data = {'val': str(Path(dataset) / 'val'), 'workers': 0 if smoke else 8}
+if imagenet: data = {'val': str(Path(dataset) / 'val'), 'num_workers': 0 if smoke else 8}
 params = dict(cells=cells, screen=screen, metrics=metrics, model=model, checkpoint=checkpoint, dataset=dataset,
               train_fraction=train_fraction, n=n, base_kw=base_kw, mechanism_images=mechanism_images, device=device, smoke=smoke)
 rep = report_dir(report, smoke)
