@@ -39,13 +39,13 @@ check-sync:  ## fail if nbdev_export or nbdev_clean would change the tree
 	test -z "$$(git status --porcelain -- nbs ns_vit)" || (git status --porcelain -- nbs ns_vit; echo "untracked exports"; exit 1)
 
 # make reports: the shared data sets first (two notebooks side by side), then two lanes of one-thread notebooks side by
-# side (two 1-thread torch jobs use this 2-core machine better than one 2-thread job). Lane A holds every notebook that
-# trains the finetuning runs of Tables 2-4, in order; lane B the rest, ending with the study (its seed-0 runs are shared
-# with lane A through their run folders: a run another process is training is waited for, then reused). Minutes per
-# notebook go to runs/reports/minutes.txt and reports/benchmarks/make_reports_minutes.md.
+# side (two 1-thread torch jobs use this 2-core machine better than one 2-thread job). Lane A trains and scores
+# Table 2's models (Table 3 reuses them); lane B the rest, then the study and Table 4, which balances the lanes (09's
+# scoring is the longest job). Runs are shared through their run folders: a run another process is training is waited
+# for, then reused. Minutes per notebook go to runs/reports/minutes.txt and reports/benchmarks/make_reports_minutes.md.
 DATA_NBS ?= 06d_damagenet 06b_corruptions
-LANE_A ?= 05_finetune 09_table2_robustness 07_table3_robustness 08_table4_eps_ablation
-LANE_B ?= 03_nullspace 04a_fig3_approx_nullspace 04b_fig5_closure 06a_attacks 10_blend 10a_explain 10b_fingerprint 11_reproduction
+LANE_A ?= 05_finetune 09_table2_robustness 07_table3_robustness
+LANE_B ?= 03_nullspace 04a_fig3_approx_nullspace 04b_fig5_closure 06a_attacks 10_blend 10a_explain 10b_fingerprint 11_reproduction 08_table4_eps_ablation
 REPORT_NBS ?= $(DATA_NBS) $(LANE_A) $(LANE_B)
 PAPERMILL = OMP_NUM_THREADS=1 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill --no-progress-bar
 

@@ -185,6 +185,7 @@ def _outputs_markdown(outputs: list[dict]) -> list[str]:
     md = [''.join(o['data']['text/markdown']).strip() for o in outputs if 'text/markdown' in o.get('data', {})]
     text = ''.join(''.join(o.get('text', '')) or ''.join(o.get('data', {}).get('text/plain', ''))
                    for o in outputs if 'text/markdown' not in o.get('data', {}))
+    text = '\n'.join(l for l in text.split('\n') if not l.startswith('[IPKernelApp]'))  # the kernel's own log, not the cell's
     return md + ([f'```\n{text.rstrip()}\n```'] if text.strip() else [])
 
 def notebook_markdown(nb: dict) -> str:

@@ -302,6 +302,7 @@ def _outputs_markdown(outputs: list[dict]) -> list[str]:
     md = [''.join(o['data']['text/markdown']).strip() for o in outputs if 'text/markdown' in o.get('data', {})]
     text = ''.join(''.join(o.get('text', '')) or ''.join(o.get('data', {}).get('text/plain', ''))
                    for o in outputs if 'text/markdown' not in o.get('data', {}))
+    text = '\n'.join(l for l in text.split('\n') if not l.startswith('[IPKernelApp]'))  # the kernel's own log, not the cell's
     return md + ([f'```\n{text.rstrip()}\n```'] if text.strip() else [])
 
 def notebook_markdown(nb: dict) -> str:
@@ -326,8 +327,8 @@ def render_readme(nb: str | Path = 'nbs/index.ipynb', out: str | Path = 'README.
 
 # %%
 _nb = {'cells': [{'cell_type': 'markdown', 'source': ['# T']}, {'cell_type': 'code', 'source': ['#| hide\nx=1'], 'outputs': []},
-                 {'cell_type': 'code', 'source': ['print(1)'], 'outputs': [{'output_type': 'stream', 'text': ['1\n']}]}]}
-test_eq(notebook_markdown(_nb), '# T\n\n```python\nprint(1)\n```\n\n```\n1\n```\n')
+                 {'cell_type': 'code', 'source': ['print(1)'], 'outputs': [{'output_type': 'stream', 'text': ['[IPKernelApp] WARNING | kernel log\n', '1\n']}]}]}
+test_eq(notebook_markdown(_nb), '# T\n\n```python\nprint(1)\n```\n\n```\n1\n```\n')  # the kernel's log line left out
 _nb['cells'].append({'cell_type': 'code', 'source': ['#| echo: false\nMarkdown("| a |")'], 'outputs': [
     {'output_type': 'execute_result', 'data': {'text/markdown': ['| a |\n', '|---|'], 'text/plain': ['<Markdown>']}}]})
 test_eq(notebook_markdown(_nb).split('\n\n')[-1], '| a |\n|---|\n')  # output only, as markdown
