@@ -10,7 +10,7 @@ export PYTHONHASHSEED := 0
 # real CIFAR-10 beside the project (CI and these machines); elsewhere set NS_VIT_DATA yourself or let torchvision download
 export NS_VIT_DATA ?= $(if $(wildcard ../shared/data/cifar10-jpeg.tar.gz),$(abspath ../shared/data),)
 
-.PHONY: install test nbtest pytest export clean check-sync reports lane study bench gpu-check pretrain readme docs docs-check pairs check-pairs
+.PHONY: install test nbtest pytest export clean check-sync reports worker study bench gpu-check pretrain readme docs docs-check pairs check-pairs
 
 install:  ## create .venv and install ns_vit with pinned dependencies
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,31 +38,30 @@ check-sync:  ## fail if nbdev_export or nbdev_clean would change the tree
 	git diff --exit-code --stat -- nbs ns_vit || (echo "notebooks and ns_vit/ out of sync: run make export clean"; exit 1)
 	test -z "$$(git status --porcelain -- nbs ns_vit)" || (git status --porcelain -- nbs ns_vit; echo "untracked exports"; exit 1)
 
-# make reports: the shared data sets first (two notebooks side by side), then two lanes of one-thread notebooks side by
-# side (two 1-thread torch jobs use this 2-core machine better than one 2-thread job). Lane A trains and scores
-# Table 2's models (Table 3 reuses them); lane B the rest, then the study and Table 4, which balances the lanes (09's
-# scoring is the longest job). Runs are shared through their run folders: a run another process is training is waited
-# for, then reused. Minutes per notebook go to runs/reports/minutes.txt and reports/benchmarks/make_reports_minutes.md.
-DATA_NBS ?= 06d_damagenet 06b_corruptions
-LANE_A ?= 05_finetune 09_table2_robustness 07_table3_robustness
-LANE_B ?= 03_nullspace 04a_fig3_approx_nullspace 04b_fig5_closure 06a_attacks 10_blend 10a_explain 10b_fingerprint 11_reproduction 08_table4_eps_ablation
-REPORT_NBS ?= $(DATA_NBS) $(LANE_A) $(LANE_B)
+# make reports: two workers side by side (two 1-thread torch jobs use this 2-core machine better than one 2-thread job)
+# take the notebooks in turn from one queue, so that neither sits idle while there is work (fixed lanes left a core idle
+# for a quarter of an hour). Runs and data sets are shared through their run folders and caches: one that another
+# process is making is waited for, then reused; the order is therefore only about speed: the longest first (Table 2,
+# 09, which also trains the models that 05, 07, 08 and 11 reuse), the data sets next, Table 3 (07, which reuses 09's
+# models and scores) last. Minutes per notebook go to runs/reports/minutes.txt and reports/benchmarks/make_reports_minutes.md.
+REPORT_NBS ?= 09_table2_robustness 06d_damagenet 06b_corruptions 11_reproduction 08_table4_eps_ablation 10b_fingerprint \
+  04a_fig3_approx_nullspace 06a_attacks 05_finetune 04b_fig5_closure 10a_explain 10_blend 03_nullspace 07_table3_robustness
 PAPERMILL = OMP_NUM_THREADS=1 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill --no-progress-bar
 
 reports:  ## regenerate every figure and table into reports/ at default parameters (CPU minutes: reports/benchmarks)
-	mkdir -p runs/reports; rm -f runs/reports/minutes.txt
+	mkdir -p runs/reports reports/notebooks; rm -f runs/reports/minutes.txt runs/reports/failed
+	printf '%s\n' $(REPORT_NBS) > runs/reports/queue
 	set -e; s=$$(date +%s); \
-	$(MAKE) -s lane LANE=data0 NBS="$(word 1,$(DATA_NBS))" & a=$$!; $(MAKE) -s lane LANE=data1 NBS="$(wordlist 2,99,$(DATA_NBS))" & b=$$!; \
-	wait $$a; wait $$b; \
-	$(MAKE) -s lane LANE=A NBS="$(LANE_A)" & a=$$!; $(MAKE) -s lane LANE=B NBS="$(LANE_B)" & b=$$!; \
+	$(MAKE) -s worker W=1 & a=$$!; $(MAKE) -s worker W=2 & b=$$!; \
 	wait $$a; wait $$b; echo "total - $$(( $$(date +%s) - s ))" >> runs/reports/minutes.txt
 	$(BIN)/python -c "from ns_vit.report import write_index, write_minutes; print(write_minutes()); print(write_index())"
 
-lane:  # one lane of `make reports`: NBS in order, one torch thread each; the executed copy goes to reports/notebooks/
-	mkdir -p reports/notebooks runs/reports
-	set -e; for nb in $(NBS); do echo "== $$nb (lane $(LANE))"; s=$$(date +%s); \
+worker:  # one worker of `make reports`: the next notebook of runs/reports/queue, one torch thread, until none is left or one failed
+	set -e; while nb=$$(flock runs/reports/queue.lock sh -c 'head -n1 runs/reports/queue; sed -i 1d runs/reports/queue'); \
+	  [ -n "$$nb" ] && [ ! -e runs/reports/failed ]; do echo "== $$nb (worker $(W))"; s=$$(date +%s); \
 	  $(PAPERMILL) nbs/$$nb.ipynb reports/notebooks/$$nb.ipynb --cwd . -p threads 1 > runs/reports/$$nb.log 2>&1 \
-	  || { tail -30 runs/reports/$$nb.log; exit 1; }; echo "$$nb $(LANE) $$(( $$(date +%s) - s ))" >> runs/reports/minutes.txt; done
+	  || { touch runs/reports/failed; tail -30 runs/reports/$$nb.log; exit 1; }; \
+	  echo "$$nb $(W) $$(( $$(date +%s) - s ))" >> runs/reports/minutes.txt; done; test ! -e runs/reports/failed
 
 # the reproduction study (notebook 11): arms over seeds in the default cell, the two cells an earlier screen ranked best,
 # and the authors' own settings as far as CIFAR-10 allows. `make reports` runs the default cell with fewer seeds into

@@ -16,8 +16,8 @@ from .models import as_vit, model_device
 from .attention import record_attention, token_layout
 
 # %% auto #0
-__all__ = ['ATTACKS', 'PCGRAD_MODES', 'LINF_ATTACKS', 'ATTACK_PRESETS', 'margin', 'fmt_eps', 'default_alpha', 'CWSearch',
-           'cw_l2_search', 'CWL2', 'CWInf', 'num_classes', 'make_attack', 'patch_size', 'patch_mask',
+__all__ = ['ABORT_TOL', 'ATTACKS', 'PCGRAD_MODES', 'LINF_ATTACKS', 'ATTACK_PRESETS', 'margin', 'fmt_eps', 'default_alpha',
+           'CWSearch', 'cw_l2_search', 'CWL2', 'CWInf', 'num_classes', 'make_attack', 'patch_size', 'patch_mask',
            'default_attn_layers', 'select_patches', 'patch_fool', 'attack_settings', 'attack_label', 'run_attack',
            'adversarial_accuracy']
 
@@ -38,21 +38,31 @@ def default_alpha(eps: float, steps: int) -> float:
     return max(eps / 4, 2.5 * eps / max(steps, 1))
 
 # %% ../nbs/06a_attacks.ipynb #26499885
+ABORT_TOL = 0.9999  # C&W's abort-early test: stop once the cost is above 0.9999 × its value at the previous check
+
 def _cw_descent(logits_fn, x: Tensor, y: Tensor, c: Tensor, *, kappa: float, steps: int, lr: float,
-                edge: float) -> tuple[Tensor, Tensor]:
+                edge: float, abort_early: bool = True) -> tuple[Tensor, Tensor]:
     "One CW optimisation from x at per-image constants c (B,): (closest misclassified x′ seen, else x; its squared L2, else inf)."
     w = torch.atanh(2 * x.clamp(edge, 1 - edge) - 1).requires_grad_(True)  # (B, C, H, W), finite
-    opt = torch.optim.Adam([w], lr=lr)
+    opt = torch.optim.Adam([w], lr=lr)  # elementwise: an image's trajectory does not depend on the others in the batch
     best, best_sq = x.clone(), torch.full((len(x),), math.inf, device=x.device)
-    for _ in range(steps):
-        adv = (torch.tanh(w) + 1) / 2
-        l2sq = (adv - x).flatten(1).pow(2).sum(1)  # (B,)
+    active = torch.arange(len(x), device=x.device)  # images still descending
+    prev = torch.full((len(x),), math.inf, device=x.device)  # each image's cost at the last check
+    every = max(steps // 10, 1)
+    for it in range(steps):
+        if len(active) == 0: break
+        xa, ya, wa = x[active], y[active], w[active]  # only the active images are computed
+        adv = (torch.tanh(wa) + 1) / 2
+        l2sq = (adv - xa).flatten(1).pow(2).sum(1)  # (A,)
         logits = logits_fn(adv)
-        cost = l2sq + c * margin(logits, y).clamp(min=-kappa)
-        opt.zero_grad(); cost.sum().backward(); opt.step()
+        cost = l2sq + c[active] * margin(logits, ya).clamp(min=-kappa)  # (A,)
+        opt.zero_grad(); cost.sum().backward(); opt.step()  # stopped images get a zero gradient; they are never read again
         with torch.no_grad():
-            better = (logits.argmax(1) != y) & (l2sq < best_sq)  # misclassified and closer than before
-            best_sq = torch.where(better, l2sq, best_sq); best[better] = adv[better]
+            better = (logits.argmax(1) != ya) & (l2sq < best_sq[active])  # misclassified and closer than before
+            idx = active[better]; best_sq[idx] = l2sq[better]; best[idx] = adv[better]
+            if abort_early and it % every == 0:  # C&W's test, per image: stop when its cost stopped falling
+                stalled = cost > ABORT_TOL * prev[active]
+                prev[active] = cost; active = active[~stalled]
     return best.detach(), best_sq
 
 class CWSearch(NamedTuple):
@@ -65,7 +75,8 @@ class CWSearch(NamedTuple):
 def cw_l2_search(model, images: Tensor, labels: Tensor, *,  # model: any callable images → logits
                  c: float = 1.0,  # the first constant tried, per image
                  search_steps: int = 9,  # optimisations per image, each from x (C&W: 9)
-                 steps: int = 100, lr: float = 0.01, kappa: float = 0.0, edge: float = 0.5 / 255) -> CWSearch:
+                 steps: int = 100, lr: float = 0.01, kappa: float = 0.0, edge: float = 0.5 / 255,
+                 abort_early: bool = True) -> CWSearch:  # C&W's early stop, per image (see `_cw_descent`)
     "CW-L2 with Carlini & Wagner's binary search over c per image: the closest misclassified x′ of all searches and c's bracket."
     if not c > 0: raise ValueError(f'c must be > 0, got {c}')
     if search_steps < 1: raise ValueError(f'search_steps must be ≥ 1, got {search_steps}')
@@ -74,7 +85,7 @@ def cw_l2_search(model, images: Tensor, labels: Tensor, *,  # model: any callabl
     lo, hi = torch.zeros_like(cc), torch.full_like(cc, math.inf)
     best, best_sq = x.clone(), torch.full_like(cc, math.inf)
     for _ in range(search_steps):
-        adv, sq = _cw_descent(model, x, y, cc, kappa=kappa, steps=steps, lr=lr, edge=edge)
+        adv, sq = _cw_descent(model, x, y, cc, kappa=kappa, steps=steps, lr=lr, edge=edge, abort_early=abort_early)
         won = sq < math.inf  # misclassified at some step with this c
         closer = sq < best_sq; best[closer] = adv[closer]; best_sq = torch.minimum(best_sq, sq)
         hi, lo = torch.where(won, torch.minimum(hi, cc), hi), torch.where(won, lo, torch.maximum(lo, cc))
@@ -85,14 +96,16 @@ class CWL2(Attack):
     "Untargeted CW-L2: Adam on tanh-space w, `steps` steps at a fixed `c` (or C&W's binary search); the smallest-L2 misclassified x′."
     def __init__(self, model: nn.Module, c: float = 1.0, kappa: float = 0.0, steps: int = 100, lr: float = 0.01,
                  edge: float = 0.5 / 255,  # pixels start at least `edge` inside [0, 1] so that they can move
-                 search_steps: int = 1):  # 1: fixed c; > 1: binary search over c starting at `c` (`cw_l2_search`)
+                 search_steps: int = 1,  # 1: fixed c; > 1: binary search over c starting at `c` (`cw_l2_search`)
+                 abort_early: bool = True):  # stop an image's descent once its cost stops falling (C&W's test, per image)
         super().__init__('CWL2', model)
         self.c, self.kappa, self.steps, self.lr, self.edge, self.search_steps = c, kappa, steps, lr, edge, search_steps
+        self.abort_early = abort_early
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
         x, y = images.clone().detach().to(self.device), labels.clone().detach().to(self.device)
         return cw_l2_search(self.get_logits, x, y, c=self.c, search_steps=self.search_steps, steps=self.steps,
-                            lr=self.lr, kappa=self.kappa, edge=self.edge).adv
+                            lr=self.lr, kappa=self.kappa, edge=self.edge, abort_early=self.abort_early).adv
 
 # %% ../nbs/06a_attacks.ipynb #59e54bec
 class CWInf(Attack):
@@ -133,6 +146,7 @@ def _autoattack(model: nn.Module, eps: float, norm: str, version: str, n_classes
 def make_attack(model: nn.Module, attack: str, eps: float = 8 / 255, steps: int = 10, alpha: float | None = None,
                 cw_c: float = 1.0, cw_lr: float = 0.01, cw_kappa: float = 0.0,
                 cw_search_steps: int = 1,  # 'cw': 1 = fixed c; > 1 = C&W's binary search over c from cw_c
+                cw_abort_early: bool = True,  # 'cw': C&W's early stop, per image (`CWL2`)
                 norm: str = 'Linf', version: str = 'standard', n_classes: int | None = None, seed: int = 0,
                 n_target_classes: int | None = None, n_queries: int = 5000) -> Attack:
     "A torchattacks-style attack on a [0, 1]-input model, by name `attack` (see `ATTACKS`); every budget explicit."
@@ -141,7 +155,8 @@ def make_attack(model: nn.Module, attack: str, eps: float = 8 / 255, steps: int 
     if attack == 'fgsm': return torchattacks.FGSM(model, eps=eps)
     if attack == 'pgd': return torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
     if attack == 'tpgd': return torchattacks.TPGD(model, eps=eps, alpha=alpha, steps=steps)
-    if attack == 'cw': return CWL2(model, c=cw_c, kappa=cw_kappa, steps=steps, lr=cw_lr, search_steps=cw_search_steps)
+    if attack == 'cw': return CWL2(model, c=cw_c, kappa=cw_kappa, steps=steps, lr=cw_lr, search_steps=cw_search_steps,
+                                   abort_early=cw_abort_early)
     if attack == 'cw_torchattacks': return torchattacks.CW(model, c=cw_c, kappa=cw_kappa, steps=steps, lr=cw_lr)
     if attack == 'cw_inf': return CWInf(model, eps=eps, alpha=alpha, steps=steps, kappa=cw_kappa)
     if attack == 'autoattack':
@@ -270,6 +285,7 @@ def patch_fool(model: nn.Module, images: Tensor, labels: Tensor, num_patch: int 
                steps: int = 250, lr: float = 0.22, step_size: int = 10, gamma: float = 0.95,  # Adam, StepLR
                mild_linf: float = 0.0, mild_l2: float = 0.0,  # > 0: bounded perturbation of the patch pixels
                sparse_pixels: int = 0, random_sparse: bool = False, mask_stop: int = 200, mask_lr: float = 0.01,
+               stop_fooled: bool = True,  # an image stops at the first iterate the model misclassifies, and keeps it
                return_patches: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     "Patch-Fool adversarial images (B, C, H, W) in [0, 1]; with `return_patches` also the patch indices (B, num_patch)."
     if loss not in ('attention', 'ce'): raise ValueError(f"loss must be 'attention' or 'ce', got {loss!r}")
@@ -286,24 +302,34 @@ def patch_fool(model: nn.Module, images: Tensor, labels: Tensor, num_patch: int 
     opt = torch.optim.Adam([u], lr=lr); sched = torch.optim.lr_scheduler.StepLR(opt, step_size, gamma)
     per = 1 / len(x) if pcgrad == 'original' else 1.0  # 'original': the original's batch means, else per-image sums
     sparse = _SparseMask(inside, sparse_pixels, random_sparse, mask_stop, mask_lr, math.prod(patch_size(model)) * num_patch)
+    found = torch.zeros(len(x), dtype=torch.bool, device=x.device)  # images fooled at an iterate (stop_fooled)
+    found_adv = x.clone()
     try:
         with record_attention(model) as rec:
             for it in range(steps):
-                m = sparse.mask(it)  # (B, 1, H, W); straight-through while the mask learns
-                rec.clear(); logits = model(x + (mean + std * u - x) * m)
-                atts = [per * _attention_loss(rec.maps[l], idx + n_prefix) for l in loss_layers]
-                ce = per * F.cross_entropy(logits, y, reduction='sum')
+                a = (~found).nonzero()[:, 0]  # images still attacked: each is computed on its own, so others leaving
+                if len(a) == 0: break          # the batch does not change its trajectory (`per` stays the full batch's)
+                m = sparse.mask(it)[a]  # (A, 1, H, W); straight-through while the mask learns
+                adv_a = x[a] + (mean + std * u[a] - x[a]) * m
+                rec.clear(); logits = model(adv_a)
+                if stop_fooled:
+                    with torch.no_grad():
+                        hit = logits.argmax(1) != y[a]
+                        found_adv[a[hit]] = adv_a[hit].detach().clamp(0, 1); found[a[hit]] = True
+                atts = [per * _attention_loss(rec.maps[l], idx[a] + n_prefix) for l in loss_layers]
+                ce = per * F.cross_entropy(logits, y[a], reduction='sum')
                 grads = _ascent_grads(ce, atts, [u, *sparse.params(it)], attn_weight, pcgrad)
                 opt.zero_grad(); u.grad = -grads[0]; opt.step(); sched.step()  # ascent
                 sparse.step(it, grads[1:])
                 u.data = (_project(mean + std * u.data, x, inside, mild_linf, mild_l2) - mean) / std
     finally: model.train(was_training)
     adv = (x + (mean + std * u.detach() - x) * sparse.mask(steps).detach()).clamp(0, 1)
+    adv[found] = found_adv[found]
     return (adv, idx) if return_patches else adv
 
 # %% ../nbs/06a_attacks.ipynb #7e04770d
 _USES = {'fgsm': ('eps',), 'pgd': ('eps', 'steps', 'alpha'), 'tpgd': ('eps', 'steps', 'alpha'),
-         'cw': ('cw_c', 'cw_kappa', 'steps', 'cw_lr', 'cw_search_steps', 'l2_radius'), 'cw_torchattacks': ('cw_c', 'cw_kappa', 'steps', 'cw_lr'),
+         'cw': ('cw_c', 'cw_kappa', 'steps', 'cw_lr', 'cw_search_steps', 'cw_abort_early', 'l2_radius'), 'cw_torchattacks': ('cw_c', 'cw_kappa', 'steps', 'cw_lr'),
          'cw_inf': ('eps', 'steps', 'alpha', 'cw_kappa'),
          'autoattack': ('eps', 'norm', 'version', 'n_classes', 'steps', 'n_target_classes', 'n_queries')}
 LINF_ATTACKS = ('fgsm', 'pgd', 'tpgd', 'cw_inf')

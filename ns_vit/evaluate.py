@@ -260,7 +260,7 @@ def results_table(results: dict[str, pd.DataFrame], digits: int = 1) -> pd.DataF
             if 'mce' in r and pd.notna(r.mce): row[r.label] += f' (mCE {100 * r.mce:.1f})'
             if 'median_l2_to_break' in r and pd.notna(r.median_l2_to_break): row[r.label] += f' (median L2 to break {r.median_l2_to_break:.3f})'
         rob = df[df.metric.isin(ROBUSTNESS)]
-        row['average (robustness)'] = round(100 * rob.value.mean(), digits) if len(rob) else float('nan')
+        row['average (robustness)'] = f'{100 * rob.value.mean():.{digits}f}' if len(rob) else '—'  # a string like the other cells
         rows.append(row)
     out = pd.DataFrame(rows)
     out.attrs['note'] = AVERAGE_NOTE

@@ -254,18 +254,18 @@ def write_index(root: str | Path | None = None) -> Path:
     return atomic_save('\n'.join(lines), base / 'README.md', lambda o, p: Path(p).write_text(o))
 
 def write_minutes(log: str | Path | None = None, root: str | Path | None = None) -> Path:
-    "`reports/benchmarks/make_reports_minutes.md` from `make reports`' log (lines `notebook lane seconds`, then `total - s`)."
+    "`reports/benchmarks/make_reports_minutes.md` from `make reports`' log (lines `notebook worker seconds`, then `total - s`)."
     base = Path(root) if root is not None else repo_root()
     rows = [l.split() for l in Path(log or base / 'runs/reports/minutes.txt').read_text().splitlines() if len(l.split()) == 3]
     if not rows or rows[-1][0] != 'total': raise ValueError(f'{log or "runs/reports/minutes.txt"} has no total line: did make reports finish?')
     total = int(rows[-1][2])
-    lanes = {}
-    for nb, lane, s in rows[:-1]: lanes[lane] = lanes.get(lane, 0) + int(s)
+    workers = {}
+    for nb, w, s in rows[:-1]: workers[w] = workers.get(w, 0) + int(s)
     lines = ['# `make reports`: minutes per notebook', '', f'Wall time of the whole command: **{total / 60:.1f} min** '
-             f'(lanes run side by side, one torch thread per notebook; {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; '
-             f"{time.strftime('%Y-%m-%d %H:%M')}, commit `{git_commit()}`).", '', '| notebook | lane | minutes |', '|---|---|---:|']
-    lines += [f'| {nb} | {lane} | {int(s) / 60:.1f} |' for nb, lane, s in rows[:-1]]
-    lines += ['', '| lane | minutes (sum of its notebooks) |', '|---|---:|'] + [f'| {k} | {v / 60:.1f} |' for k, v in lanes.items()]
+             f'(two workers side by side take the notebooks from one queue, one torch thread per notebook; {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; '
+             f"{time.strftime('%Y-%m-%d %H:%M')}, commit `{git_commit()}`).", '', '| notebook | worker | minutes |', '|---|---|---:|']
+    lines += [f'| {nb} | {w} | {int(s) / 60:.1f} |' for nb, w, s in rows[:-1]]
+    lines += ['', '| worker | minutes (sum of its notebooks) |', '|---|---:|'] + [f'| {k} | {v / 60:.1f} |' for k, v in workers.items()]
     return atomic_save('\n'.join(lines) + '\n', base / 'reports/benchmarks/make_reports_minutes.md', lambda o, p: Path(p).write_text(o))
 
 

@@ -411,7 +411,7 @@ def results_table(results: dict[str, pd.DataFrame], digits: int = 1) -> pd.DataF
             if 'mce' in r and pd.notna(r.mce): row[r.label] += f' (mCE {100 * r.mce:.1f})'
             if 'median_l2_to_break' in r and pd.notna(r.median_l2_to_break): row[r.label] += f' (median L2 to break {r.median_l2_to_break:.3f})'
         rob = df[df.metric.isin(ROBUSTNESS)]
-        row['average (robustness)'] = round(100 * rob.value.mean(), digits) if len(rob) else float('nan')
+        row['average (robustness)'] = f'{100 * rob.value.mean():.{digits}f}' if len(rob) else '—'  # a string like the other cells
         rows.append(row)
     out = pd.DataFrame(rows)
     out.attrs['note'] = AVERAGE_NOTE
@@ -443,6 +443,7 @@ pt = paired_tests({'ns': _res(a, .6), 'none': _res(b, .4)}, 'none')
 test_eq(len(pt), 1); test_close(pt['diff'].iloc[0], 0.2); assert pt.significant.iloc[0]
 tb = results_table({'ns': _res(a, .6), 'none': _res(b, .4)})
 test_eq(list(tb.columns), ['model', 'FGSM', 'average (robustness)']); test_eq(tb.FGSM.iloc[0], '60.0 [50.0, 70.0]')
+test_eq(tb['average (robustness)'].tolist(), ['60.0', '40.0'])  # printed with the table's digits
 test_eq(values_table({'ns': _res(a, .6)}).FGSM.iloc[0], 0.6)
 test_eq(len(pd.concat([_res(a, .6), _res(b, .4)])), 2)  # tables with per-image results concatenate
 def _shares(v): r = _res(a, v); r.attrs['correct'] = PerImage(cifar10_c=torch.full((50,), v)); return r
