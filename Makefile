@@ -42,9 +42,11 @@ check-sync:  ## fail if nbdev_export or nbdev_clean would change the tree
 # take the notebooks in turn from one queue, so that neither sits idle while there is work (fixed lanes left a core idle
 # for a quarter of an hour). Runs and data sets are shared through their run folders and caches: one that another
 # process is making is waited for, then reused; the order is therefore only about speed: the longest first (Table 2,
-# 09, which also trains the models that 05, 07, 08 and 11 reuse), the data sets next, Table 3 (07, which reuses 09's
-# models and scores) last. Minutes per notebook go to runs/reports/minutes.txt and reports/benchmarks/make_reports_minutes.md.
-REPORT_NBS ?= 09_table2_robustness 06d_damagenet 06b_corruptions 11_reproduction 08_table4_eps_ablation 10b_fingerprint \
+# 09, which also trains the models that 05, 07 and 08 reuse), the data sets next, Table 3 (07, which reuses 09's
+# models and scores) last. The reproduction study (11) is not part of it: `make study` writes reports/reproduction
+# (5 seeds per arm); a 3-seed copy of its default cell here cost 46 of 152 CPU-minutes and repeated 3 of those 5 seeds.
+# Minutes per notebook go to runs/reports/minutes.txt and reports/benchmarks/make_reports_minutes.md.
+REPORT_NBS ?= 09_table2_robustness 06d_damagenet 06b_corruptions 08_table4_eps_ablation 10b_fingerprint \
   04a_fig3_approx_nullspace 06a_attacks 05_finetune 04b_fig5_closure 10a_explain 10_blend 03_nullspace 07_table3_robustness
 PAPERMILL = OMP_NUM_THREADS=1 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill --no-progress-bar
 
@@ -64,8 +66,8 @@ worker:  # one worker of `make reports`: the next notebook of runs/reports/queue
 	  echo "$$nb $(W) $$(( $$(date +%s) - s ))" >> runs/reports/minutes.txt; done; test ! -e runs/reports/failed
 
 # the reproduction study (notebook 11): arms over seeds in the default cell, the two cells an earlier screen ranked best,
-# and the authors' own settings as far as CIFAR-10 allows. `make reports` runs the default cell with fewer seeds into
-# reports/reproduction/make_reports; `make study` runs this design into reports/reproduction (reusing every finished run).
+# and the authors' own settings as far as CIFAR-10 allows, into reports/reproduction (reusing every finished run).
+# The notebook's own defaults (papermill without -p) run the default cell with 3 seeds into reports/reproduction/quick.
 STUDY_CELLS ?= {"default": {"overrides": {}, "arms": ["none", "gaussian", "ns", "ns-fixed"], "seeds": [0, 1, 2, 3, 4]}, \
   "refresh 10": {"overrides": {"refresh_every": 10}, "arms": ["none", "gaussian", "ns"], "seeds": [0, 1, 2]}, \
   "lim 8": {"overrides": {"lim": 8.0}, "arms": ["none", "gaussian", "ns"], "seeds": [0, 1, 2]}, \

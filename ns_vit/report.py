@@ -116,10 +116,11 @@ def write_meta(
     return write_json(meta, Path(folder) / 'meta.json')
 
 def save_table(df, folder: str | Path, name: str, floatfmt: str = '.4f') -> Path:
-    "Write a pandas table as `<name>.csv` and `<name>.md` into `folder` (with `df.attrs['note']` under the markdown table)."
+    "Write a pandas table as `<name>.csv` and `<name>.md` into `folder` (with `df.attrs['note']` under the markdown table); a column of strings prints as written."
     folder = Path(folder)
     note = df.attrs.get('note')
-    md = df.to_markdown(index=False, floatfmt=floatfmt) + '\n' + (f'\n{note}\n' if note else '')
+    text_cols = [i for i, c in enumerate(df.columns) if len(df) and df[c].map(lambda v: isinstance(v, str)).all()]
+    md = df.to_markdown(index=False, floatfmt=floatfmt, disable_numparse=text_cols or False) + '\n' + (f'\n{note}\n' if note else '')
     atomic_save(df, folder / f'{name}.csv', lambda o, p: o.to_csv(p, index=False))
     atomic_save(md, folder / f'{name}.md', lambda o, p: Path(p).write_text(o))
     return folder / f'{name}.md'

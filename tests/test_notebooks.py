@@ -24,7 +24,7 @@ EXPERIMENTS = {
     '10_blend.ipynb': (['fig6_watermark', 'fig7_lookalike'], {}),
     '10a_explain.ipynb': (['fig8_10_saliency'], {}),
     '10b_fingerprint.ipynb': (['fingerprint'], {}),
-    '11_reproduction.ipynb': (['reproduction/make_reports', 'reproduction/screen'], {}),
+    '11_reproduction.ipynb': (['reproduction/quick', 'reproduction/screen'], {}),
     '12_benchmarks.ipynb': (['benchmarks'], {}),
 }
 

@@ -185,10 +185,11 @@ def write_meta(
     return write_json(meta, Path(folder) / 'meta.json')
 
 def save_table(df, folder: str | Path, name: str, floatfmt: str = '.4f') -> Path:
-    "Write a pandas table as `<name>.csv` and `<name>.md` into `folder` (with `df.attrs['note']` under the markdown table)."
+    "Write a pandas table as `<name>.csv` and `<name>.md` into `folder` (with `df.attrs['note']` under the markdown table); a column of strings prints as written."
     folder = Path(folder)
     note = df.attrs.get('note')
-    md = df.to_markdown(index=False, floatfmt=floatfmt) + '\n' + (f'\n{note}\n' if note else '')
+    text_cols = [i for i, c in enumerate(df.columns) if len(df) and df[c].map(lambda v: isinstance(v, str)).all()]
+    md = df.to_markdown(index=False, floatfmt=floatfmt, disable_numparse=text_cols or False) + '\n' + (f'\n{note}\n' if note else '')
     atomic_save(df, folder / f'{name}.csv', lambda o, p: o.to_csv(p, index=False))
     atomic_save(md, folder / f'{name}.md', lambda o, p: Path(p).write_text(o))
     return folder / f'{name}.md'
@@ -210,8 +211,10 @@ with tempfile.TemporaryDirectory() as d:
     t = pd.DataFrame({'a': [1.0]}); t.attrs['note'] = '* marks p < 0.05.'
     test_eq(save_table(t, rd, 'noted').read_text().splitlines()[-2:], ['', '* marks p < 0.05.'])  # the note under the table
     test_eq(pd.read_csv(rd / 'noted.csv').columns.tolist(), ['a'])  # the csv stays a plain table
+    row = save_table(pd.DataFrame({'x': [0.123456], 'avg': ['26.2']}), rd, 'digits').read_text().splitlines()[2]
+    test_eq(row.replace(' ', ''), '|0.1235|26.2|')  # floats take floatfmt; a string of digits is not re-parsed into 26.2000
     fig, ax = plt.subplots(); ax.plot([0, 1]); save_figure(fig, rd, 'fig'); plt.close(fig)
-    test_eq(sorted(p.name for p in rd.iterdir()), ['fig.pdf', 'fig.png', 'noted.csv', 'noted.md', 'table.csv', 'table.md'])
+    test_eq(sorted(p.name for p in rd.iterdir()), ['digits.csv', 'digits.md', 'fig.pdf', 'fig.png', 'noted.csv', 'noted.md', 'table.csv', 'table.md'])
     meta = json.loads(write_meta(rd, {'eps': 0.03, 'out': str(repo_root() / 'runs/x'), 'data': d}, time.time(),
                                  runs={'ns': repo_root() / 'runs/ns'}).read_text())
     test_eq(meta['params'], {'eps': 0.03, 'out': 'runs/x', 'data': Path(d).name}); assert meta['wall_time_s'] >= 0

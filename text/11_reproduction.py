@@ -62,7 +62,7 @@ checkpoint: str = ''  # weights: '' (default model's), a local file, or 'hub'
 dataset: str = 'cifar10'  # 'cifar10' or an ImageFolder root with train/ and val/ (ImageNet)
 train_fraction: float = 1.0  # share of the training set
 mechanism_images: int = 512  # held-out test images each finetuned model's tolerated ε-noise is measured on
-report: str = 'reproduction/make_reports'  # artifact folder under reports/ (`make study` writes reports/reproduction)
+report: str = 'reproduction/quick'  # artifact folder under reports/ (`make study` writes reports/reproduction)
 device: str = 'cpu'  # 'cpu', 'cuda', ...
 threads: int = 2  # CPU threads for torch
 smoke: bool = False  # tiny run for tests (written under runs/smoke/)
@@ -356,8 +356,8 @@ assert arms_df.value.between(0, 1).all() and len(arms_df) == sum(len(c['arms']) 
 
 # %% [markdown]
 # ## Reading
-# How to read what this notebook writes (`reports/reproduction/` from `make study`; `make reports` writes a shorter
-# design to `reports/reproduction/make_reports/`): `verdict.md` states the result in words generated from the tables;
+# How to read what this notebook writes (`reports/reproduction/` from `make study`; this notebook's own defaults write a
+# 3-seed design to `reports/reproduction/quick/`): `verdict.md` states the result in words generated from the tables;
 # `paired.md` holds every comparison with its interval and Holm mark, `arms.md` the accuracies per arm, and
 # `paired_forest.png` draws the default cell's comparisons. The question is answered in three steps:
 # 1. *Does NS beat plain finetuning?* `ns − none`: an interval excluding 0 in NS's favour on a robustness column, with
