@@ -69,21 +69,24 @@ def _md_cell(text: str, cell_id: str = 'ns-vit-site-note') -> dict:
     return {'cell_type': 'markdown', 'id': cell_id, 'metadata': {}, 'source': text}
 
 
+WRITTEN_BY = {'11_reproduction': 'make study'}  # the make target that keeps a notebook's executed copy (others: make reports)
+
+
 def stage_notebook(name: str, docs: Path, executed_dir: Path) -> tuple[str, bool]:
     "Copy nbs/<name> (or its executed copy) to docs/notebooks/, without nbdev's hidden cells; (site path, executed?)."
     src, run = ROOT / 'nbs' / f'{name}.ipynb', executed_dir / f'{name}.ipynb'
-    executed = run.exists()
+    executed, target = run.exists(), WRITTEN_BY.get(name, 'make reports')
     nb = json.loads((run if executed else src).read_text())
     cells = [c for c in nb['cells'] if not re.match(r'#\|\s*(hide|default_exp)\b', ''.join(c['source']).strip())]
     has_parameters = any('parameters' in c.get('metadata', {}).get('tags', []) for c in nb['cells'])
     if executed:
         pm = nb['metadata'].get('papermill', {})
-        note = (f"*Executed copy* (`reports/notebooks/{name}.ipynb`, written by `make reports`"
+        note = (f"*Executed copy* (`reports/notebooks/{name}.ipynb`, written by `{target}`"
                 + (f", finished {pm['end_time'][:16].replace('T', ' ')} UTC" if pm.get('end_time') else '')
                 + f"); the source is `nbs/{name}.ipynb`."
                 + (' **The run stopped with an error**: its last cells did not run.' if pm.get('exception') else ''))
     elif has_parameters:
-        note = (f"*Not executed yet*: this is the source notebook `nbs/{name}.ipynb` without outputs. `make reports` "
+        note = (f"*Not executed yet*: this is the source notebook `nbs/{name}.ipynb` without outputs. `{target}` "
                 f"keeps an executed copy in `reports/notebooks/`, which this page then shows; the results are on the report pages.")
     else:
         note = f"Library notebook `nbs/{name}.ipynb`: the code of the module with its tests, shown without outputs."

@@ -71,8 +71,8 @@
 # papermill nbs/09_table2_robustness.ipynb out.ipynb      # Table 2: base, none, gaussian, ns, madry, trades
 # ns-vit-evaluate --suite quick --out runs/eval/base      # score the default model (clean, FGSM, PGD at 1/255)
 # ns-vit-evaluate --checkpoint runs/finetune/<run>/model.safetensors --suite cifar10 --out runs/eval/ns
-# make reports                                            # every figure and table at default parameters
-# make study                                              # the reproduction study, 5 seeds per arm (hours on 2 CPU cores)
+# make reports                                            # every figure and table at default parameters (not the study)
+# make study                                              # the reproduction study, 5 seeds per arm (hours on 2 CPU cores) -> reports/reproduction
 # make docs                                               # the site in _site/, from the executed notebooks in reports/notebooks/
 # make bench                                              # timings into reports/benchmarks/
 # ```
