@@ -69,13 +69,13 @@ def _md_cell(text: str, cell_id: str = 'ns-vit-site-note') -> dict:
     return {'cell_type': 'markdown', 'id': cell_id, 'metadata': {}, 'source': text}
 
 
-WRITTEN_BY = {'11_reproduction': 'make study'}  # the make target that keeps a notebook's executed copy (others: make reports)
+KEPT_BY = {'11_reproduction': 'make study'}  # the make target that keeps a notebook's executed copy (others: make reports)
 
 
 def stage_notebook(name: str, docs: Path, executed_dir: Path) -> tuple[str, bool]:
     "Copy nbs/<name> (or its executed copy) to docs/notebooks/, without nbdev's hidden cells; (site path, executed?)."
     src, run = ROOT / 'nbs' / f'{name}.ipynb', executed_dir / f'{name}.ipynb'
-    executed, target = run.exists(), WRITTEN_BY.get(name, 'make reports')
+    executed, target = run.exists(), KEPT_BY.get(name, 'make reports')
     nb = json.loads((run if executed else src).read_text())
     cells = [c for c in nb['cells'] if not re.match(r'#\|\s*(hide|default_exp)\b', ''.join(c['source']).strip())]
     has_parameters = any('parameters' in c.get('metadata', {}).get('tags', []) for c in nb['cells'])
