@@ -82,11 +82,11 @@ study:  ## the reproduction study (issue 15; hours on 2 CPU cores; reuses every 
 	  --cwd . -p cells '$(STUDY_CELLS)' -p screen '$(SCREEN)' -p report reproduction
 
 bench:  ## NS/plain time ratio, evaluation-suite minutes, ImageFolder loader images/s -> reports/benchmarks/
-	mkdir -p runs/reports reports/notebooks
+	mkdir -p runs/reports
 	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/12_benchmarks.ipynb runs/reports/12_benchmarks.ipynb --cwd .
 
 gpu-check:  ## on a GPU machine: main job on cuda, NS vs plain steps of ViT-S/B at 224 px (bf16 too), torchrun with one process
-	mkdir -p runs/reports reports/notebooks
+	mkdir -p runs/reports
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/12_benchmarks.ipynb runs/reports/12_benchmarks_cuda.ipynb --cwd . \
 	  -p device cuda -p semantics_check False -p suite_check True
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/05_finetune.ipynb runs/reports/05_finetune_cuda.ipynb --cwd . -p device cuda \
