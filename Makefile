@@ -10,7 +10,7 @@ export PYTHONHASHSEED := 0
 # real CIFAR-10 beside the project (CI and these machines); elsewhere set NS_VIT_DATA yourself or let torchvision download
 export NS_VIT_DATA ?= $(if $(wildcard ../shared/data/cifar10-jpeg.tar.gz),$(abspath ../shared/data),)
 
-.PHONY: install test nbtest pytest export clean check-sync reports worker study bench gpu-check pretrain readme docs docs-check pairs check-pairs
+.PHONY: install test nbtest pytest export clean check-sync reports worker study bench gpu-check pretrain pretrain-ti8 readme docs docs-check pairs check-pairs
 
 install:  ## create .venv and install ns_vit with pinned dependencies
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -95,6 +95,10 @@ gpu-check:  ## on a GPU machine: main job on cuda, NS vs plain steps of ViT-S/B 
 
 pretrain:  ## retrain the embedded default model (data/default_vit.safetensors), about 35-60 min on 2 CPU cores
 	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/02_pretrain.ipynb runs/pretrain/02_pretrain.ipynb --cwd .
+
+pretrain-ti8:  ## pretrain the larger embedded model vit-ti8 (issue 26; hours on 1 CPU core; a rerun resumes) -> data/vit_ti8.safetensors
+	OMP_NUM_THREADS=1 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill --no-progress-bar nbs/02_pretrain.ipynb runs/pretrain/02_pretrain_vit-ti8.ipynb \
+	  --cwd . -p model vit-ti8 -p lr 1e-3 -p threads 1
 
 readme:
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -c "from ns_vit.report import render_readme; print(render_readme())"

@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_pretrain.ipynb #9e16bb06
 from __future__ import annotations
-import math, time
+import math, time, warnings
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import torch
@@ -52,6 +52,18 @@ def train_epoch(model: PixelViT, data: UInt8Images, opt, sched, cfg: TrainConfig
     return total / max(n, 1)
 
 # %% ../nbs/02_pretrain.ipynb #86ec762a
+def _resume(state_path: Path, cfg: TrainConfig) -> dict | None:
+    "The saved state at `state_path` if saved under `cfg` (else ValueError); an unreadable one is set aside (warned), None."
+    try: st = torch.load(state_path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        aside = state_path.with_name(f'{state_path.name}.unreadable-{int(time.time())}'); state_path.rename(aside)
+        warnings.warn(f'{state_path} is unreadable ({type(e).__name__}): moved to {aside.name}; training starts over')
+        return None
+    if st.get('cfg', asdict(cfg)) != asdict(cfg):
+        raise ValueError(f'{state_path} was saved under another configuration ({st["cfg"]} ≠ {asdict(cfg)}): '
+                         'resume with the same settings or delete it')
+    return st
+
 def train_classifier(model: PixelViT, train: UInt8Images, cfg: TrainConfig, val: UInt8Images | None = None,
                      state_path: str | Path | None = None, quiet: bool = False, stop_after: int | None = None) -> list[dict]:
     "Train `model` on `train`; checkpoint to `state_path` after each epoch and resume from it; returns history."
@@ -62,8 +74,8 @@ def train_classifier(model: PixelViT, train: UInt8Images, cfg: TrainConfig, val:
     warm = int(cfg.warmup_epochs * len(train) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, warm))
     start, history = 0, []
-    if state_path and Path(state_path).exists():
-        st = torch.load(state_path, map_location='cpu', weights_only=True)
+    st = _resume(Path(state_path), cfg) if state_path and Path(state_path).exists() else None
+    if st is not None:
         model.load_state_dict(st['model']); opt.load_state_dict(st['opt']); sched.load_state_dict(st['sched'])
         start, history = st['epoch'], st['history']; torch.set_rng_state(st['rng'])
     end = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)  # stop_after: simulate a kill (tests)
@@ -74,5 +86,6 @@ def train_classifier(model: PixelViT, train: UInt8Images, cfg: TrainConfig, val:
         if val is not None: rec['val_acc'] = accuracy(model, *val.tensors())
         history.append(rec)
         if not quiet: print(rec, flush=True)
-        if state_path: atomic_save(_state(model, opt, sched, epoch + 1, history), state_path)
+        if state_path: atomic_save(_state(model, opt, sched, epoch + 1, history) | dict(cfg=asdict(cfg)), state_path)
     return history
+

@@ -282,17 +282,41 @@ DEFAULT_ARCH_KWARGS = dict(img_size=32, patch_size=8, embed_dim=128, depth=6, nu
                            num_classes=10, global_pool='avg', class_token=False, fc_norm=True)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 DEFAULT_CHECKPOINT = 'data/default_vit.safetensors'
+EMBEDDED_MODELS = {  # name → timm architecture, its size overrides, and the committed weights (written by 02_pretrain)
+    'default': dict(arch=DEFAULT_ARCH, kwargs=DEFAULT_ARCH_KWARGS, checkpoint=DEFAULT_CHECKPOINT),
+    # timm's ViT-Ti (width 192, depth 12, 3 heads) with 8-pixel patches: 16 tokens like the default, 5.3× its
+    # parameters, and C·P² = 192 = D, so like ViT-B/16 (768 = 768) no exact patch-embedding nullspace
+    'vit-ti8': dict(arch='vit_tiny_patch16_224', checkpoint='data/vit_ti8.safetensors',
+                    kwargs=dict(img_size=32, patch_size=8, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0,
+                                num_classes=10, global_pool='avg', class_token=False, fc_norm=True, drop_path_rate=0.1)),
+}
+
+def _embedded(name: str) -> dict:
+    "The registry entry of an embedded model, or a clear error listing the names."
+    if name not in EMBEDDED_MODELS: raise ValueError(f'{name!r} is not an embedded model; choose from {list(EMBEDDED_MODELS)}')
+    return EMBEDDED_MODELS[name]
+
+def embedded_vit(name: str = 'default') -> PixelViT:
+    "A freshly initialised (untrained) embedded model `name`."
+    e = _embedded(name)
+    return create_vit(e['arch'], mean=CIFAR10_MEAN, std=CIFAR10_STD, **e['kwargs'])
 
 def default_vit() -> PixelViT:
     "A freshly initialised embedded-default ViT (untrained)."
-    return create_vit(DEFAULT_ARCH, mean=CIFAR10_MEAN, std=CIFAR10_STD, **DEFAULT_ARCH_KWARGS)
+    return embedded_vit('default')
+
+def load_embedded_model(name: str = 'default', path: str | Path | None = None, map_location='cpu') -> PixelViT:
+    "The embedded model `name` pretrained on CIFAR-10 by `nbs/02_pretrain.ipynb` (weights under `data/`)."
+    path = Path(path) if path else repo_root() / _embedded(name)['checkpoint']
+    if not path.exists():
+        arg = '' if name == 'default' else f' -p model {name}'
+        raise FileNotFoundError(f'{path} not found: run `papermill nbs/02_pretrain.ipynb /dev/null{arg}` to train it')
+    return load_checkpoint(path, map_location)[0]
 
 def load_default_model(path: str | Path | None = None, map_location='cpu') -> PixelViT:
     "The embedded default ViT pretrained on CIFAR-10 by `nbs/02_pretrain.ipynb` (weights under `data/`)."
-    path = Path(path) if path else repo_root() / DEFAULT_CHECKPOINT
-    if not path.exists():
-        raise FileNotFoundError(f'{path} not found: run `papermill nbs/02_pretrain.ipynb /dev/null` to train it')
-    return load_checkpoint(path, map_location)[0]
+    return load_embedded_model('default', path, map_location)
+
 
 
 # %%
@@ -300,6 +324,11 @@ d0 = default_vit()
 test_eq(d0.vit.patch_embed.proj.weight.shape, (128, 3, 8, 8))
 assert 3 * 8 * 8 > DEFAULT_ARCH_KWARGS['embed_dim']  # non-trivial nullspace by rank-nullity
 test_eq(d0(torch.rand(2, 3, 32, 32)).shape, (2, 10))
+t8 = embedded_vit('vit-ti8')
+test_eq(t8.vit.patch_embed.proj.weight.shape, (192, 3, 8, 8))  # C·P² = 192 = D: no exact nullspace, as in ViT-B/16
+test_eq(sum(p.numel() for p in t8.parameters()) > 4 * sum(p.numel() for p in d0.parameters()), True)
+test_eq(t8(torch.rand(2, 3, 32, 32)).shape, (2, 10))
+test_fail(lambda: embedded_vit('vit-huge'), contains='choose from')
 
 
 # %% [markdown]
@@ -339,17 +368,17 @@ _a = accuracy(d0, torch.rand(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)); a
 # %%
 #| export
 def get_model(model: str = 'default', checkpoint: str = '', device: str | torch.device = 'cpu', **kw) -> PixelViT:
-    "The embedded default (`'default'`, optionally from `checkpoint`) or a timm ViT with `checkpoint` weights ('hub', a path or '')."
-    if model == 'default':
-        m = load_checkpoint(checkpoint)[0] if checkpoint else load_default_model()
+    "An embedded model by name (`'default'`, `'vit-ti8'`; optionally from `checkpoint`) or a timm ViT with `checkpoint` weights ('hub', a path or '')."
+    if model in EMBEDDED_MODELS:
+        m = load_checkpoint(checkpoint)[0] if checkpoint else load_embedded_model(model)
     else:
         m = create_vit(model, pretrained=True if checkpoint == 'hub' else (checkpoint or False), **kw)
     return m.to(device).eval()
 def experiment_model(model: str = 'default', checkpoint: str = '', device: str | torch.device = 'cpu', *, smoke: bool = False) -> PixelViT:
-    "An experiment's model (`get_model`); a smoke run on a clone without the default weights gets 02's smoke weights or a random init."
-    if smoke and model == 'default' and not checkpoint and not (repo_root() / DEFAULT_CHECKPOINT).exists():
-        fallback = repo_root() / 'runs/smoke/pretrain/default_vit.safetensors'  # written by 02_pretrain in smoke mode
-        return get_model('default', str(fallback), device) if fallback.exists() else default_vit().to(device).eval()
+    "An experiment's model (`get_model`); a smoke run on a clone without an embedded model's weights gets 02's smoke weights or a random init."
+    if smoke and model in EMBEDDED_MODELS and not checkpoint and not (repo_root() / EMBEDDED_MODELS[model]['checkpoint']).exists():
+        fallback = repo_root() / f'runs/smoke/pretrain/{Path(EMBEDDED_MODELS[model]["checkpoint"]).name}'  # 02_pretrain in smoke mode
+        return get_model(model, str(fallback), device) if fallback.exists() else embedded_vit(model).to(device).eval()
     return get_model(model, checkpoint, device)
 
 
