@@ -50,7 +50,8 @@ class FinetuneConfig:
     noise_lam: float = 0.0  # λ of the −λ·log‖δ‖ term (reference: 0, no norm term; the paper's Eq. 4 writes one)
     noise_max_steps: int = 200  # cap on descent steps, then δ is scaled down to ε (reference: 3 passes × 10% of the loader = 117)
     noise_batch: int = 32  # images per descent step (stream; reference: the training batch, 128) or in the round's batch (fixed)
-    noise_stop_window: int = 4  # stream: stop on the mean over the last this many fresh batches, 4 × 32 = 128 unseen images (reference: 1 × 128)
+    noise_stop_window: int = 1  # stream: the cheap stop test is the mean over the last this many fresh batches (reference: 1; the 'window' variant: 4)
+    noise_stop_images: int = 128  # stream: the returned δ itself must be inside ε on at least this many fresh images it was never fitted to (reference: its stop batch of 128; 0: the cheap test alone)
     noise_chunks: int = 1  # fixed: descent steps alternate over this many chunks of the batch, stop confirmed on all
     noise_warm_start: bool = False  # start each round from 1.5 × the previous round's noise instead of U(−lim, lim) (not the reference)
     loss: str = 'clean+noisy'  # 'clean+noisy' (reference code) or 'noisy' (paper's Eq. 8)
@@ -71,7 +72,7 @@ class FinetuneConfig:
         if self.loss not in ('clean+noisy', 'noisy'): raise ValueError(f"loss must be 'clean+noisy' or 'noisy', not {self.loss!r}")
         for k in ('steps', 'batch_size', 'refresh_every', 'noise_batch', 'noise_chunks', 'noise_stop_window'):
             if getattr(self, k) < 1: raise ValueError(f'{k} must be >= 1, got {getattr(self, k)}')
-        for k in ('noise_max_steps', 'noise_schedule_steps', 'warmup_steps', 'adv_steps'):
+        for k in ('noise_max_steps', 'noise_schedule_steps', 'warmup_steps', 'adv_steps', 'noise_stop_images'):
             if getattr(self, k) < 0: raise ValueError(f'{k} must be >= 0, got {getattr(self, k)}')
         for k in ('lr', 'noise_lr', 'lim'):
             if not (math.isfinite(getattr(self, k)) and getattr(self, k) > 0): raise ValueError(f'{k} must be > 0 and finite, got {getattr(self, k)}')
@@ -91,8 +92,9 @@ def _check_types(cfg: FinetuneConfig) -> None:
 
 # The fixed-batch loop of earlier ns_vit versions, kept as a named variant to compare with the authors' stream.
 NOISE_VARIANTS = dict(
-    stream={},  # the default: the authors' loop
+    stream={},  # the default: the authors' loop and stop (δ inside ε on 128 fresh images), descending on batches of 32
     reference=dict(noise_batch=128, noise_stop_window=1),  # the stream at the authors' batch: a whole training batch per step
+    window=dict(noise_stop_window=4, noise_stop_images=0),  # ns_vit's earlier stop: the mean of the last 4 batches of 32, each on another δ
     fixed=dict(noise_source='fixed', noise_batch=128, noise_lr=0.3, noise_beta1=0.85, noise_chunks=2, noise_lam=0.1,
                noise_weight_decay=0.0, noise_schedule_steps=0),
 )
@@ -136,7 +138,8 @@ def method_loss(model: nn.Module, raw: PixelViT, x: Tensor, y: Tensor, delta: Te
 def noise_batches(data, rnd: int, cfg: FinetuneConfig, num_workers: int = 0) -> Iterator[Tensor]:
     "This rank's slice of round `rnd`'s fresh batches: its own seeded order, no image twice before all are used, augmented as training."
     g = torch.Generator().manual_seed(seed_of(cfg.seed, rnd, 3))
-    n_steps = cfg.noise_max_steps + cfg.noise_stop_window
+    confirm = -(-cfg.noise_stop_images // cfg.noise_batch)  # batches a confirmation may draw (ceil)
+    n_steps = (cfg.noise_max_steps + 1) * max(confirm, 1)  # a draw per descent step, and a confirmation at every one
     for x, _ in step_batches(data, cfg.noise_batch, seed_of(cfg.seed, rnd, 2), 0, n_steps, num_workers):
         yield augment(x, generator=g) if cfg.augment else x  # (b, C, H, W)
 
@@ -152,7 +155,8 @@ def synthesize_round(raw: PixelViT, data, rnd: int, cfg: FinetuneConfig, *, prev
     warm = 1.5 * prev if cfg.noise_warm_start and cfg.method == 'ns' and prev is not None else None
     if cfg.noise_source == 'stream':  # every rank descends on its slice of the fresh batches
         delta, info = eps_noise(raw, noise_batches(data, rnd, cfg, num_workers), generator=g, init=warm,
-                                stop_window=cfg.noise_stop_window, distributed=True, **_descent_kwargs(cfg))
+                                stop_window=cfg.noise_stop_window, stop_images=cfg.noise_stop_images, distributed=True,
+                                **_descent_kwargs(cfg))
     else:  # rank 0 descends on one fixed batch and broadcasts
         delta, info = None, None
         if rank_world()[0] == 0:
@@ -277,11 +281,11 @@ def _noise_round(model, data, cfg: FinetuneConfig, step: int, prev, logs: dict, 
 
 
 # %% ../nbs/05_finetune.ipynb #51b22605
-ROUND_COLUMNS = ['round', 'step', 'noise_norm', 'steps', 'images', 'mse_prob', 'mse_window', 'converged', 'seconds',
+ROUND_COLUMNS = ['round', 'step', 'noise_norm', 'steps', 'images', 'mse_prob', 'stop_images', 'refused', 'mse_window', 'converged', 'seconds',
                  'heldout_mse_prob', 'heldout_match', 'gaussian_mse_prob', 'gaussian_match']
 
 def rounds_table(logs: dict):
-    "Table 5: one row per noise round (norm, descent steps, mse_prob at the stop, and on held-out images beside Gaussian noise)."
+    "Table 5: one row per noise round (norm, descent steps, the returned δ's mse_prob at the stop and its image count, and on held-out images beside Gaussian noise)."
     import pandas as pd
     cols = [c for c in ROUND_COLUMNS if any(c in r for r in logs['rounds'])] or ROUND_COLUMNS[:7]
     return pd.DataFrame(logs['rounds'], columns=cols).rename(columns={'steps': 'steps_to_eps', 'mse_prob': 'stop_mse_prob', 'mse_window': 'stop_window_mse_prob'})

@@ -162,7 +162,8 @@ def eps_noise(model: nn.Module, batches: Tensor | Iterable[Tensor], *,
               weight_decay: float = 0.0,  # AdamW weight decay of δ (the reference: torch's default 0.01)
               schedule_steps: int = 0,  # period of a cosine decay of `lr` (0: constant)
               chunks: int = 1,  # fixed batch only: descent steps take its chunks in turn
-              stop_window: int = 1,  # stream only: stop on the mean of the last this many fresh batches
+              stop_window: int = 1,  # stream only: the cheap stop test is the mean of the last this many fresh batches
+              stop_images: int = 0,  # stream only: accept δ only once it is inside ε on at least this many fresh images, measured with δ itself
               distributed: bool = False,  # stream only: all-reduce the stop statistic and δ's gradient over ranks
               ) -> tuple[Tensor, dict]:
     "Noise (1, N, D) on the boundary of the ε-approximate nullspace of `model`, from a fixed batch or a stream; and its info."
@@ -170,6 +171,7 @@ def eps_noise(model: nn.Module, batches: Tensor | Iterable[Tensor], *,
         raise ValueError(f'eps must be > 0 and a finite number (the bound on the MSE of probabilities), got {eps!r}')
     if chunks < 1: raise ValueError(f'chunks must be >= 1, got {chunks}')
     if stop_window < 1: raise ValueError(f'stop_window must be >= 1, got {stop_window}')
+    if stop_images < 0: raise ValueError(f'stop_images must be >= 0, got {stop_images}')
     dev = model_device(model)
     delta = (init.detach().clone().to(dev) if init is not None else init_noise(model, lim, generator)).requires_grad_(True)
     opt = torch.optim.AdamW([delta], lr=lr, betas=betas, weight_decay=weight_decay)
@@ -177,7 +179,7 @@ def eps_noise(model: nn.Module, batches: Tensor | Iterable[Tensor], *,
     run = _fixed_descent if isinstance(batches, Tensor) else _stream_descent
     with frozen(model):
         out, info = run(model, batches, delta, opt, sched, eps=eps, max_steps=max_steps, lam=lam, quiet=quiet,
-                        chunks=chunks, stop_window=stop_window, distributed=distributed)
+                        chunks=chunks, stop_window=stop_window, stop_images=stop_images, distributed=distributed)
     return out, info | dict(seconds=time.perf_counter() - t0)
 
 
@@ -202,11 +204,21 @@ def _fixed_descent(model, batch: Tensor, delta: Tensor, opt, sched, *, eps, max_
     out, mse = _shrink_to_eps(model, x, delta.detach(), clean.softmax(1), eps)
     return out, dict(steps=max_steps, mse_prob=mse, norm=out.norm().item(), converged=False, images=len(x))
 
+def _confirm(model, stream: Iterator[Tensor], delta: Tensor, total: float, n: int, need: int, distributed: bool) -> tuple[float, int]:
+    "Mean mse_prob of `delta` over a first batch's `n` images (sum `total`) and further fresh batches, until ≥ `need` images."
+    dev = model_device(model)
+    while n < need:
+        x = next(stream).to(dev)
+        with torch.no_grad(): p_clean = model(x).softmax(1)  # (B, K)
+        t, k = _reduce_sum(_mse_prob(model, x, delta, p_clean) * len(x), len(x), distributed=distributed)
+        total, n = total + t, n + int(k)
+    return total / n, n
+
 def _stream_descent(model, batches: Iterable[Tensor], delta: Tensor, opt, sched, *, eps, max_steps, lam, quiet,
-                    stop_window, distributed, **_) -> tuple[Tensor, dict]:
-    "Descend on a fresh batch each step; before the step, stop if δ is inside ε on the fresh (unseen) batch(es)."
+                    stop_window, stop_images, distributed, **_) -> tuple[Tensor, dict]:
+    "Descend on a fresh batch each step; before the step, stop if δ is inside ε on fresh (unseen) images, confirmed on ≥ `stop_images`."
     dev, world = model_device(model), dist.get_world_size() if distributed and dist.is_initialized() else 1
-    stream, window, seen = _batches(batches), [], 0
+    stream, window, seen, refused = _batches(batches), [], 0, 0
     for step in tqdm(range(max_steps + 1), desc=f'ε={eps:g} noise (stream)', disable=quiet, leave=False):
         x = next(stream).to(dev)
         n_global = int(_reduce_sum(len(x), distributed=distributed)[0])
@@ -214,9 +226,13 @@ def _stream_descent(model, batches: Iterable[Tensor], delta: Tensor, opt, sched,
         total = _reduce_sum(mse.sum(), distributed=distributed)[0]
         window = (window + [(total, n_global)])[-stop_window:]; seen += n_global
         stat = sum(t for t, _ in window) / sum(n for _, n in window)  # mean mse_prob over the window's images
-        if len(window) == stop_window and stat < eps:
-            return delta.detach(), dict(steps=step, mse_prob=total / n_global, mse_window=stat, norm=delta.norm().item(),
-                                        converged=True, images=seen)
+        if len(window) == stop_window and stat < eps:  # the cheap test says inside: confirm δ itself on fresh images
+            mse_d, n_d = _confirm(model, stream, delta.detach(), total, n_global, stop_images, distributed)
+            seen += n_d - n_global
+            if mse_d < eps:
+                return delta.detach(), dict(steps=step, mse_prob=mse_d, stop_images=n_d, mse_window=stat, refused=refused,
+                                            norm=delta.norm().item(), converged=True, images=seen)
+            refused += 1  # outside ε on the confirmation images: descend on, with the stop batch's step
         if step == max_steps: break
         opt.zero_grad(set_to_none=True); loss.backward()
         if world > 1: dist.all_reduce(delta.grad)  # every rank's share of the global mean: the sum is the global gradient
@@ -224,5 +240,6 @@ def _stream_descent(model, batches: Iterable[Tensor], delta: Tensor, opt, sched,
         if sched is not None: sched.step()
     with torch.no_grad(): p_clean = model(x).softmax(1)
     out, mse_x = _shrink_to_eps(model, x, delta.detach(), p_clean, eps, distributed=distributed)  # on the last global batch
-    return out, dict(steps=max_steps, mse_prob=mse_x, mse_window=stat, norm=out.norm().item(), converged=False, images=seen)
+    return out, dict(steps=max_steps, mse_prob=mse_x, stop_images=n_global, mse_window=stat, refused=refused,
+                     norm=out.norm().item(), converged=False, images=seen)
 

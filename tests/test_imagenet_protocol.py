@@ -33,7 +33,7 @@ from torchvision import transforms as T
 ROOT = Path(__file__).resolve().parents[1]
 WNIDS, INDEX = ('n01498041', 'n01531178', 'n01614925'), (6, 11, 22)
 ARCH, ARCH_KW = 'vit_tiny_patch16_224', dict(depth=2)
-OVERRIDES = dict(steps=2, batch_size=4, refresh_every=2, noise_max_steps=3, noise_batch=4, adv_steps=1)
+OVERRIDES = dict(steps=2, batch_size=4, refresh_every=2, noise_max_steps=3, noise_batch=4, noise_stop_images=8, adv_steps=1)
 REPORT = 'imagenet_fixture'
 
 

@@ -15,7 +15,8 @@
 # and the same seed gives every arm the same data order):
 # - `none`: plain finetuning;
 # - `gaussian`: Gaussian noise at the patch embedding, norm-matched round by round to the streamed ε-noise NS would use;
-# - `ns`: Algorithm 1 as the authors ran it (the noise learned on a stream of fresh batches, stopped on unseen images);
+# - `ns`: Algorithm 1 with the authors' loop and stop (the noise learned on a stream of fresh batches of 32, returned once
+#   it is itself inside ε on 128 training images it was never fitted to; the authors descend on batches of 128);
 # - `ns-fixed`: ns_vit's earlier loop, whose noise is learned on one fixed batch per round and fits that batch.
 #
 # **Cells.** The default cell runs every arm over five seeds. Two cells that looked best in an earlier one-seed screen

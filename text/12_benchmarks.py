@@ -14,7 +14,7 @@
 # U(−lim, lim). The model is frozen during the descent (no parameter gradients), and each fresh batch's clean forward
 # is computed once. The levers measured side by side, each on the same 80 steps (two rounds), alternating the variants
 # and taking the best of `repeats` runs each, which cancels most of the noise of a shared machine:
-# - `ns (stream, default)`: fresh batches of 32 with the stop tested on the last 4 of them (128 unseen images);
+# - `ns (stream, default)`: fresh batches of 32; when δ is inside ε on one, the same δ is confirmed on 3 more (128 unseen images);
 # - `ns (stream, batch 128)`: the authors' batch, a whole training batch per descent step, stop on it alone;
 # - `ns (stream, constant rate)`: the default without the cosine decay of the descent's rate;
 # - `ns (stream, warm start)`: each round starts from 1.5 × the previous noise (an option, not the authors' loop);
