@@ -396,6 +396,12 @@ else: torch.manual_seed(seed); default_model, default_weights = default_vit().to
 rows = [dict(model=n, weights='timm hub' if pretrained else 'random init', **null_dims(patch_embed_only(n, pretrained)))
         for n in table1_names]
 rows.append(dict(model='ns_vit default (CIFAR-10)', weights=default_weights, **null_dims(default_model)))
+from ns_vit.models import EMBEDDED_MODELS, embedded_vit, load_embedded_model
+for name_e, e in EMBEDDED_MODELS.items():  # the other embedded models: trained weights when committed, else the architecture's init
+    if name_e == 'default': continue
+    trained = (repo_root() / e['checkpoint']).exists()
+    torch.manual_seed(seed); m_e = load_embedded_model(name_e) if trained else embedded_vit(name_e)
+    rows.append(dict(model=f'ns_vit {name_e} (CIFAR-10)', weights='trained (02_pretrain)' if trained else 'random init', **null_dims(m_e)))
 table1 = pd.DataFrame(rows).rename(columns={'null_dim_rank_nullity': 'null_dim'})
 table1 = table1[['model', 'patch', 'embed_dim', 'input_dim', 'null_dim', 'null_dim_numerical', 'weights']]
 rep1 = report_dir('table1_nullspace_dims', smoke)
@@ -405,7 +411,8 @@ table1
 # %% [markdown]
 # Whenever C·P² > D the patch embedding has a nullspace, and it is large: ViT-Ti/16 ignores 576 of the 768
 # dimensions of each patch, ViT-S/16 half of them, and every /32 model at least two thirds of its 3072. Models whose
-# embedding is at least as wide as a patch (ViT-B/16: D = 768 = 3·16²; ViT-L/16; every /8 model) have none, and for
+# embedding is at least as wide as a patch (ViT-B/16: D = 768 = 3·16²; ViT-L/16; every /8 model; and the embedded
+# `vit-ti8`, D = 192 = 3·8², the second model of the study, chosen to mirror ViT-B/16) have none, and for
 # them the exact nullspace offers nothing, which is why the paper turns to an approximate one. Random-init weights
 # are full rank, so the numerical dimension equals the rank–nullity one; a rank-deficient embedding can only have more.
 
@@ -419,6 +426,8 @@ if 'vit_small_patch16_224' in table1_names: test_eq(table1.set_index('model').lo
 # Nullspace noise is drawn at the norm of each CIFAR-10 test image and added *without clipping*: clipping to [0, 1]
 # would leave the nullspace. The invariance is measured on these unclipped sums; for display each noise and each sum is
 # min–max rescaled to [0, 1]. The same check is repeated, on the same images resized, for the random-init timm ViTs.
+# The embedded `vit-ti8` has no exact nullspace (Table 1: null dimension 0), so it has no row here: for it, as for
+# ViT-B/16 in the paper, only the approximate nullspace of the encoder exists (Figure 3, `04a -p model vit-ti8`).
 
 # %%
 x, y = cifar10('test').subset(n_images, seed).tensors()  # (n, 3, 32, 32)

@@ -37,7 +37,8 @@ from ns_vit.report import report_dir, write_meta, save_table, save_figure, in_te
 
 # %% tags=["parameters"]
 lams: list = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0]  # λ of Eq. 4: weight of the −log‖δ‖ term that makes the noise large
-model: str = 'default'  # 'default' (embedded CIFAR-10 ViT) or a timm ViT name
+model: str = 'default'  # an embedded CIFAR-10 ViT ('default', 'vit-ti8') or a timm ViT name
+report: str = ''  # folder under reports/; '' → fig3_approx_nullspace (default model) or fig3_approx_nullspace/<model>
 checkpoint: str = ''  # weights: '' (default model's), a local file, or 'hub'
 dataset: str = 'cifar10'  # 'cifar10' or an ImageFolder root with train/ and val/
 n_train: int = 256  # training images the noise is learned on (one batch, every step)
@@ -55,9 +56,9 @@ smoke = smoke or in_test()
 if smoke: n_train, n_test, steps, lams = 32, 100, 10, [lams[0], lams[-1]]
 if smoke: threads = 1  # tiny tensors: a second thread only adds overhead (and stalls on a busy machine)
 torch.set_num_threads(threads)
-params = dict(lams=lams, model=model, checkpoint=checkpoint, dataset=dataset, n_train=n_train, n_test=n_test, steps=steps,
+params = dict(lams=lams, model=model, report=report, checkpoint=checkpoint, dataset=dataset, n_train=n_train, n_test=n_test, steps=steps,
               lim=lim, lr=lr, seed=seed, device=device, smoke=smoke)
-rep = report_dir('fig3_approx_nullspace', smoke)
+rep = report_dir(report or ('fig3_approx_nullspace' if model == 'default' else f'fig3_approx_nullspace/{model}'), smoke)
 t0 = time.time()
 net = experiment_model(model, checkpoint, device, smoke=smoke)  # smoke runs on a clone without the weights: a stand-in
 N, D = embed_shape(net)
