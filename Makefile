@@ -21,16 +21,16 @@ install:  ## create .venv and install ns_vit with pinned dependencies
 
 test: nbtest pytest  ## unit tests in the notebooks + every experiment notebook through papermill (smoke size)
 
-nbtest:
+nbtest:  ## the unit tests inside the notebooks only (nbdev_test, 2 workers)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/nbdev_test --n_workers 2 --timing
 
-pytest:
+pytest:  ## the tests in tests/ only: papermill smoke runs, CLI, resume, DDP, README and help checks
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q tests
 
-export:
+export:  ## regenerate ns_vit/ from the notebooks (nbdev_export)
 	$(BIN)/nbdev_export
 
-clean:
+clean:  ## strip outputs and metadata from the notebooks (nbdev_clean)
 	$(BIN)/nbdev_clean
 
 check-sync:  ## fail if nbdev_export or nbdev_clean would change the tree
@@ -58,7 +58,7 @@ reports:  ## regenerate every figure and table into reports/ at default paramete
 	wait $$a; wait $$b; echo "total - $$(( $$(date +%s) - s ))" >> runs/reports/minutes.txt
 	$(BIN)/python -c "from ns_vit.report import write_index, write_minutes; print(write_minutes()); print(write_index())"
 
-worker:  # one worker of `make reports`: the next notebook of runs/reports/queue, one torch thread, until none is left or one failed
+worker:  ## one worker of `make reports`: the next notebook of runs/reports/queue, one torch thread, until none is left or one failed
 	set -e; while nb=$$(flock runs/reports/queue.lock sh -c 'head -n1 runs/reports/queue; sed -i 1d runs/reports/queue'); \
 	  [ -n "$$nb" ] && [ ! -e runs/reports/failed ]; do echo "== $$nb (worker $(W))"; s=$$(date +%s); \
 	  $(PAPERMILL) nbs/$$nb.ipynb reports/notebooks/$$nb.ipynb --cwd . -p threads 1 > runs/reports/$$nb.log 2>&1 \
@@ -107,7 +107,7 @@ pretrain-ti8:  ## pretrain the larger embedded model vit-ti8 (issue 26; hours on
 	OMP_NUM_THREADS=1 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill --no-progress-bar nbs/02_pretrain.ipynb runs/pretrain/02_pretrain_vit-ti8.ipynb \
 	  --cwd . -p model vit-ti8 -p lr 1e-3 -p threads 1
 
-readme:
+readme:  ## regenerate README.md from nbs/index.ipynb and the committed reports
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -c "from ns_vit.report import render_readme; print(render_readme())"
 
 # The site: mkdocs (material theme, mkdocs-jupyter) from the notebooks, the executed copies in reports/notebooks/ and the
@@ -128,3 +128,8 @@ pairs:  ## text pairs of the notebooks for reviews and diffs: nbs/<name>.ipynb -
 
 check-pairs:  ## fail if a text pair in text/ is missing or out of date with its notebook
 	$(BIN)/python tools/pairs.py --check
+
+.PHONY: help
+help:  ## every target with what it does (this list)
+	@awk '/^[A-Za-z_-]+:([^=]|$$)/ { name = $$0; sub(/:.*/, "", name); desc = $$0; \
+	  if (!sub(/^[^#]*## /, "", desc)) desc = "(no description)"; printf "  make %-12s %s\n", name, desc }' $(firstword $(MAKEFILE_LIST))

@@ -4,16 +4,16 @@
 
 # %% ../nbs/00a_report.ipynb #8607027e
 from __future__ import annotations
-import hashlib, json, os, platform, subprocess, tempfile, time
+import hashlib, json, os, platform, re, subprocess, tempfile, time
 from pathlib import Path
 import torch
 from .data import repo_root
 from .training import atomic_save
 
 # %% auto #0
-__all__ = ['PAPER_ARTIFACTS', 'in_test', 'report_dir', 'device_info', 'param', 'git_state', 'git_commit', 'relative_paths',
-           'write_json', 'write_meta', 'save_table', 'save_figure', 'write_index', 'write_minutes', 'notebook_markdown',
-           'render_readme', 'api_table']
+__all__ = ['PAPER_ARTIFACTS', 'README_MUST', 'HEADLINE', 'in_test', 'report_dir', 'device_info', 'param', 'git_state',
+           'git_commit', 'relative_paths', 'write_json', 'write_meta', 'save_table', 'save_figure', 'write_index',
+           'write_minutes', 'notebook_markdown', 'readme_problems', 'render_readme', 'api_table', 'arms_table']
 
 # %% ../nbs/00a_report.ipynb #aae446aa
 def in_test() -> bool:
@@ -182,7 +182,8 @@ def _echo_false(src: str) -> bool:
     return any(l.replace(' ', '') == 'echo:false' for l in lines)
 
 def _outputs_markdown(outputs: list[dict]) -> list[str]:
-    "Markdown outputs as they are, the text ones (streams, plain reprs) together in one fence."
+    "Markdown outputs as they are, the text ones (stdout, plain reprs) together in one fence; stderr (tools' warnings) left out."
+    outputs = [o for o in outputs if not (o.get('output_type') == 'stream' and o.get('name') == 'stderr')]
     md = [''.join(o['data']['text/markdown']).strip() for o in outputs if 'text/markdown' in o.get('data', {})]
     text = ''.join(''.join(o.get('text', '')) or ''.join(o.get('data', {}).get('text/plain', ''))
                    for o in outputs if 'text/markdown' not in o.get('data', {}))
@@ -200,13 +201,36 @@ def notebook_markdown(nb: dict) -> str:
             parts += _outputs_markdown(c.get('outputs', []))
     return '\n\n'.join(parts) + '\n'
 
+README_MUST = ('make install', 'make test', 'papermill nbs/05_finetune.ipynb -p eps 0.03')  # the set-up and main-job commands
+HEADLINE = 'reports/reproduction/headline.md'  # the study's finding in words and numbers (notebook 11, `make study`)
+_MACHINE_PATH = re.compile(r'(?<![\w.~:/\])>-])/[A-Za-z_][\w.-]*/')  # /work/…, /home/…: not 1/255, https://, a/b/
+_TOOL_TALK = re.compile(r'\w*Warning\b|warnings\.warn|site-packages|Traceback \(most recent')
+
+def readme_problems(
+    text: str,  # the README as markdown
+    must: tuple[str, ...] | None = None,  # strings its first `head` lines hold; None: README_MUST and the headline's first line
+    head: int = 40,  # one screen
+) -> list[str]:
+    "Why a README does not answer on one screen: a `must` missing from its first lines, a machine path, a tool's warning."
+    if must is None:
+        h = repo_root() / HEADLINE
+        finding = h.read_text().strip().splitlines()[:1] if h.exists() else []
+        if finding and not re.search(r'\d', finding[0]): return [f'{HEADLINE} states no number']
+        must = (*README_MUST, *finding)
+    top = '\n'.join(text.splitlines()[:head])
+    problems = [f'not in the first {head} lines: {m[:80]!r}' for m in must if m not in top]
+    problems += [f'a machine path: {m!r}' for m in dict.fromkeys(_MACHINE_PATH.findall(text))]
+    return problems + [f"a tool's warning: {m!r}" for m in dict.fromkeys(_TOOL_TALK.findall(text))]
+
 def render_readme(nb: str | Path = 'nbs/index.ipynb', out: str | Path = 'README.md') -> Path:
-    "Execute `nb` (from the repo root) and write it as markdown to `out`."
+    "Execute `nb` (from the repo root), check it with `readme_problems` and write it as markdown to `out`."
     import papermill as pm
     root = repo_root()
     with tempfile.TemporaryDirectory() as d:
         done = pm.execute_notebook(str(root / nb), str(Path(d) / 'index.ipynb'), cwd=str(root), progress_bar=False)
-    return atomic_save(notebook_markdown(done), root / out, lambda o, p: Path(p).write_text(o))
+    md = notebook_markdown(done)
+    if problems := readme_problems(md): raise ValueError(f'{nb} renders a README with problems: {problems}')
+    return atomic_save(md, root / out, lambda o, p: Path(p).write_text(o))
 
 # %% ../nbs/00a_report.ipynb #2bece268
 def api_table(
@@ -226,3 +250,24 @@ def api_table(
                 raise AttributeError(f'ns_vit.{mod} has no {name!r}: update the API table')
             rows.append(f"| {f'`ns_vit.{mod}`' if i == 0 else ''} | `{name}`{' (CLI)' if name.startswith('ns-vit-') else ''} | {line} |")
     return '\n'.join(rows)
+
+# %% ../nbs/00a_report.ipynb #bd9e7b0d
+def arms_table(
+    csv: str | Path,  # long table: arm, metric, value, ci_low, ci_high, seeds, images (a `cell` column is optional)
+    arms: dict[str, str],  # arm -> row label, in order
+    metrics: dict[str, str],  # metric -> column label, in order
+    cell: str | None = None,  # only this cell's rows
+) -> str:
+    "Markdown: accuracy in percent with its 95% interval, arms × metrics, and a row of seeds × images per column."
+    import pandas as pd
+    from ns_vit.stats import fmt_ci
+    df = pd.read_csv(csv)
+    if cell is not None: df = df[df['cell'] == cell]
+    rows = {(r.arm, r.metric): r for r in df.itertuples()}
+    missing = [(a, m) for a in arms for m in metrics if (a, m) not in rows]
+    if missing: raise ValueError(f'{csv} has no rows for {missing}' + (f' in cell {cell!r}' if cell else ''))
+    lines = ['| | ' + ' | '.join(metrics.values()) + ' |', '|---|' + '---:|' * len(metrics)]
+    lines += [f'| {label} | ' + ' | '.join(fmt_ci(r.value, r.ci_low, r.ci_high) for r in (rows[a, m] for m in metrics)) + ' |'
+              for a, label in arms.items()]
+    sizes = {m: {(rows[a, m].seeds, rows[a, m].images) for a in arms} for m in metrics}
+    return '\n'.join(lines + ['| seeds × images | ' + ' | '.join(' or '.join(f'{s} × {i:,}' for s, i in sorted(v)) for v in sizes.values()) + ' |'])

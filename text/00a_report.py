@@ -8,7 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
-import hashlib, json, os, platform, subprocess, tempfile, time
+import hashlib, json, os, platform, re, subprocess, tempfile, time
 from pathlib import Path
 import torch
 from ns_vit.data import repo_root
@@ -291,7 +291,9 @@ with tempfile.TemporaryDirectory() as d:
 # notebook is executed with papermill and its markdown cells, code and printed output are written as markdown. Cells
 # that start with a `#|` directive (`#| hide`, `#| export`) are left out; a cell marked `#| echo: false` contributes
 # its output without its code, and an output in markdown (`IPython.display.Markdown`) is written as markdown, so a
-# cell can generate a table of the README.
+# cell can generate a table of the README. What a cell writes to stderr (warnings of the tools it imports, such as
+# tqdm's `TqdmWarning` in a kernel without ipywidgets, with the path of the machine's `.venv`) is left out: it is
+# the tools' talk, not the README's.
 
 # %%
 #| export
@@ -301,7 +303,8 @@ def _echo_false(src: str) -> bool:
     return any(l.replace(' ', '') == 'echo:false' for l in lines)
 
 def _outputs_markdown(outputs: list[dict]) -> list[str]:
-    "Markdown outputs as they are, the text ones (streams, plain reprs) together in one fence."
+    "Markdown outputs as they are, the text ones (stdout, plain reprs) together in one fence; stderr (tools' warnings) left out."
+    outputs = [o for o in outputs if not (o.get('output_type') == 'stream' and o.get('name') == 'stderr')]
     md = [''.join(o['data']['text/markdown']).strip() for o in outputs if 'text/markdown' in o.get('data', {})]
     text = ''.join(''.join(o.get('text', '')) or ''.join(o.get('data', {}).get('text/plain', ''))
                    for o in outputs if 'text/markdown' not in o.get('data', {}))
@@ -319,13 +322,36 @@ def notebook_markdown(nb: dict) -> str:
             parts += _outputs_markdown(c.get('outputs', []))
     return '\n\n'.join(parts) + '\n'
 
+README_MUST = ('make install', 'make test', 'papermill nbs/05_finetune.ipynb -p eps 0.03')  # the set-up and main-job commands
+HEADLINE = 'reports/reproduction/headline.md'  # the study's finding in words and numbers (notebook 11, `make study`)
+_MACHINE_PATH = re.compile(r'(?<![\w.~:/\])>-])/[A-Za-z_][\w.-]*/')  # /work/…, /home/…: not 1/255, https://, a/b/
+_TOOL_TALK = re.compile(r'\w*Warning\b|warnings\.warn|site-packages|Traceback \(most recent')
+
+def readme_problems(
+    text: str,  # the README as markdown
+    must: tuple[str, ...] | None = None,  # strings its first `head` lines hold; None: README_MUST and the headline's first line
+    head: int = 40,  # one screen
+) -> list[str]:
+    "Why a README does not answer on one screen: a `must` missing from its first lines, a machine path, a tool's warning."
+    if must is None:
+        h = repo_root() / HEADLINE
+        finding = h.read_text().strip().splitlines()[:1] if h.exists() else []
+        if finding and not re.search(r'\d', finding[0]): return [f'{HEADLINE} states no number']
+        must = (*README_MUST, *finding)
+    top = '\n'.join(text.splitlines()[:head])
+    problems = [f'not in the first {head} lines: {m[:80]!r}' for m in must if m not in top]
+    problems += [f'a machine path: {m!r}' for m in dict.fromkeys(_MACHINE_PATH.findall(text))]
+    return problems + [f"a tool's warning: {m!r}" for m in dict.fromkeys(_TOOL_TALK.findall(text))]
+
 def render_readme(nb: str | Path = 'nbs/index.ipynb', out: str | Path = 'README.md') -> Path:
-    "Execute `nb` (from the repo root) and write it as markdown to `out`."
+    "Execute `nb` (from the repo root), check it with `readme_problems` and write it as markdown to `out`."
     import papermill as pm
     root = repo_root()
     with tempfile.TemporaryDirectory() as d:
         done = pm.execute_notebook(str(root / nb), str(Path(d) / 'index.ipynb'), cwd=str(root), progress_bar=False)
-    return atomic_save(notebook_markdown(done), root / out, lambda o, p: Path(p).write_text(o))
+    md = notebook_markdown(done)
+    if problems := readme_problems(md): raise ValueError(f'{nb} renders a README with problems: {problems}')
+    return atomic_save(md, root / out, lambda o, p: Path(p).write_text(o))
 
 
 # %%
@@ -335,6 +361,15 @@ test_eq(notebook_markdown(_nb), '# T\n\n```python\nprint(1)\n```\n\n```\n1\n```\
 _nb['cells'].append({'cell_type': 'code', 'source': ['#| echo: false\nMarkdown("| a |")'], 'outputs': [
     {'output_type': 'execute_result', 'data': {'text/markdown': ['| a |\n', '|---|'], 'text/plain': ['<Markdown>']}}]})
 test_eq(notebook_markdown(_nb).split('\n\n')[-1], '| a |\n|---|\n')  # output only, as markdown
+_nb['cells'][2]['outputs'].append({'output_type': 'stream', 'name': 'stderr', 'text': ['/x/.venv/lib/tqdm/auto.py:21: TqdmWarning: IProgress not found\n']})
+assert 'TqdmWarning' not in notebook_markdown(_nb)  # a tool's warning on stderr stays out of the README
+
+_ok = 'x\nmake install\nmake test\nStudy: NS − plain −0.30 [−0.42, −0.18] points\n' + '\n' * 40 + 'FGSM 1/255, [site](https://a.b/c/), `train/`'
+test_eq(readme_problems(_ok, must=('make install', 'make test', 'NS − plain −0.30')), [])
+test_eq(readme_problems('\n' * 40 + 'make install', must=('make install',)), ["not in the first 40 lines: 'make install'"])
+test_eq(readme_problems('see /work/main/.venv/lib/site-packages/tqdm/auto.py: TqdmWarning', must=()),
+        ["a machine path: '/work/'", "a tool's warning: 'site-packages'", "a tool's warning: 'TqdmWarning'"])
+test_eq(readme_problems('`/home/me/ns_vit`, ~/x and 8/255', must=()), ["a machine path: '/home/'"])
 
 
 # %% [markdown]
@@ -369,3 +404,42 @@ test_eq(t.splitlines()[2:], ['| `ns_vit.stats` | `holm` | Holm-adjusted p-values
                              '| `ns_vit.evaluate` | `ns-vit-evaluate` (CLI) | score a model |'])
 test_fail(lambda: api_table({'stats': [('no_such_function', '')]}), contains='update the API table')
 test_fail(lambda: api_table({'stats': [('ns-vit-nothing', '')]}), contains='no console script')
+
+
+# %% [markdown]
+# The README's results table is `arms_table`: a few columns of a long table of accuracies with intervals (the
+# reproduction study's `arms.csv`), arms as rows under short labels, and a last row with the sample sizes behind each
+# column, so that the numbers a reader meets first carry their intervals and sizes and come from the committed report.
+
+# %%
+#| export
+def arms_table(
+    csv: str | Path,  # long table: arm, metric, value, ci_low, ci_high, seeds, images (a `cell` column is optional)
+    arms: dict[str, str],  # arm -> row label, in order
+    metrics: dict[str, str],  # metric -> column label, in order
+    cell: str | None = None,  # only this cell's rows
+) -> str:
+    "Markdown: accuracy in percent with its 95% interval, arms × metrics, and a row of seeds × images per column."
+    import pandas as pd
+    from ns_vit.stats import fmt_ci
+    df = pd.read_csv(csv)
+    if cell is not None: df = df[df['cell'] == cell]
+    rows = {(r.arm, r.metric): r for r in df.itertuples()}
+    missing = [(a, m) for a in arms for m in metrics if (a, m) not in rows]
+    if missing: raise ValueError(f'{csv} has no rows for {missing}' + (f' in cell {cell!r}' if cell else ''))
+    lines = ['| | ' + ' | '.join(metrics.values()) + ' |', '|---|' + '---:|' * len(metrics)]
+    lines += [f'| {label} | ' + ' | '.join(fmt_ci(r.value, r.ci_low, r.ci_high) for r in (rows[a, m] for m in metrics)) + ' |'
+              for a, label in arms.items()]
+    sizes = {m: {(rows[a, m].seeds, rows[a, m].images) for a in arms} for m in metrics}
+    return '\n'.join(lines + ['| seeds × images | ' + ' | '.join(' or '.join(f'{s} × {i:,}' for s, i in sorted(v)) for v in sizes.values()) + ' |'])
+
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    f = Path(d) / 'arms.csv'
+    f.write_text('cell,arm,metric,seeds,images,value,ci_low,ci_high\nc,none,clean,5,10000,0.741,0.740,0.742\nc,ns,clean,5,10000,0.7411,0.7398,0.7423\n'
+                 'c,none,pgd_small,5,1000,0.471,0.4657,0.4763\nc,ns,pgd_small,5,1000,0.4694,0.4642,0.4746\nd,ns,clean,1,10,0.1,0.0,0.2\n')
+    t = arms_table(f, {'none': 'plain', 'ns': 'NS'}, {'clean': 'clean', 'pgd_small': 'PGD 1/255'}, cell='c')
+    test_eq(t.splitlines(), ['| | clean | PGD 1/255 |', '|---|---:|---:|', '| plain | 74.1 [74.0, 74.2] | 47.1 [46.6, 47.6] |',
+                             '| NS | 74.1 [74.0, 74.2] | 46.9 [46.4, 47.5] |', '| seeds × images | 5 × 10,000 | 5 × 1,000 |'])
+    test_fail(lambda: arms_table(f, {'gaussian': 'G'}, {'clean': 'clean'}, cell='c'), contains="no rows for [('gaussian', 'clean')] in cell 'c'")

@@ -23,12 +23,13 @@ from torch import nn
 import torch.distributed as dist
 from tqdm.auto import tqdm
 from fastcore.basics import IN_NOTEBOOK
+from fastcore.docments import docments
 from ns_vit.data import load_images, cifar10, image_folder, repo_root
 from ns_vit.training import atomic_save, rank_world, claim_run_dir, run_lock, clean_tmp
 from ns_vit.models import PixelViT, accuracy, get_model, save_checkpoint, load_checkpoint, weights_digest
 from ns_vit.attacks import adversarial_accuracy
-from ns_vit.finetune import FinetuneConfig, finetune, read_state
-from ns_vit.evaluate import evaluate_models
+from ns_vit.finetune import FinetuneConfig, METHODS, NOISE_SOURCES, finetune, read_state
+from ns_vit.evaluate import CliHelp, evaluate_models
 
 
 # %%
@@ -83,8 +84,10 @@ def run_finetune(cfg: FinetuneConfig, *,
                  eval_size: int = 500,  # held-out test images for the clean/FGSM curves (0: none)
                  eval_every: int = 100,  # steps between those checks
                  heldout_size: int = 512,  # held-out test images each round's noise is measured on (0: none)
-                 out: str = '',  # run folder; '' → <runs_root>/<run_name>
-                 device: str = 'cpu', quiet: bool = True, runs_root: str = '',
+                 out: str = '',  # run folder; '' → <runs_root>/<run_name> (runs/finetune/… by default)
+                 device: str = 'cpu',  # 'cpu', 'cuda' or 'cuda:K'
+                 quiet: bool = True,  # no progress bars
+                 runs_root: str = '',  # folder of run folders; '' → runs/finetune
                  num_workers: int = -1,  # DataLoader workers decoding ImageFolder images (-1: auto)
                  stop_after: int | None = None,  # stop after this many steps, keeping the state (resume: call again without it)
                  ) -> dict:
@@ -146,7 +149,9 @@ test_eq(_cfg.augment, True)  # the caller's config is never changed
 
 # %% [markdown]
 # ## Command line and multi-process runs
-# `ns-vit-finetune` exposes `run_finetune` (every `FinetuneConfig` field is a flag). Under
+# `ns-vit-finetune` exposes `run_finetune` (every `FinetuneConfig` field is a flag). Each flag's help is its field's (or
+# `run_finetune` parameter's) trailing comment, read by fastcore's `docments`, so the comment in the code is the one
+# description, with the default and, for `method`, `noise_source` and `loss`, the choices (`ns-vit-finetune --help`). Under
 # `torchrun --nproc_per_node=K ns-vit-finetune ...` it joins the process group (NCCL on GPUs, gloo on CPUs), each
 # rank takes its slice of every batch, and rank 0 writes the outputs.
 
@@ -177,23 +182,40 @@ def _numbers_joined(argv: list[str]) -> list[str]:
     return out
 
 _TYPES = {bool: _bool, int: int, float: _finite, str: str}
+_METAVARS = {_bool: 'BOOL', int: 'INT', _finite: 'FLOAT', str: 'STR'}
+# the fields with a fixed set of values; the test below checks each set against `FinetuneConfig.validate`
+CHOICES = {'method': METHODS, 'noise_source': NOISE_SOURCES, 'loss': ('clean+noisy', 'noisy')}
+RUN_OPTIONS = {'model': str, 'checkpoint': str, 'dataset': str, 'train_fraction': _finite, 'eval_size': int, 'eval_every': int,
+               'heldout_size': int, 'out': str, 'device': str, 'num_workers': int, 'stop_after': int}  # `run_finetune`'s, as options
+FINETUNE_EXAMPLE = """prints the path of the finetuned model, <out>/model.safetensors (score it with ns-vit-evaluate --checkpoint).
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='ns-vit-finetune', description='Nullspace-augmented finetuning of a ViT (Algorithm 1).')
+examples:
+  ns-vit-finetune --method ns --eps 0.03 --out runs/finetune/my-ns     # Algorithm 1 on the embedded CIFAR-10 ViT
+  ns-vit-finetune --method none --out runs/finetune/my-plain            # the plain-finetuning control
+  torchrun --nproc_per_node 4 -m ns_vit.experiments --model vit_base_patch16_224 --checkpoint hub --dataset path/to/imagenet --device cuda"""
+
+def option_help(doc: str | None, choices: tuple | None = None) -> str:
+    "An option's help from a field's or parameter's comment (docments), with its choices; `%` escaped for argparse."
+    if not doc: raise ValueError('an option without a comment: give its field or parameter a trailing # comment')
+    return doc.replace('%', '%%') + (f"; choices: {', '.join(choices)}" if choices else '')
+
+def cli_parser() -> argparse.ArgumentParser:
+    "The options of `ns-vit-finetune`: every `FinetuneConfig` field, then `run_finetune`'s; each help is its trailing comment."
+    p = argparse.ArgumentParser(prog='ns-vit-finetune', description='Nullspace-augmented finetuning of a ViT (Algorithm 1) and its baselines.',
+                                epilog=FINETUNE_EXAMPLE, formatter_class=CliHelp)
+    g, docs = p.add_argument_group('finetuning (FinetuneConfig)'), docments(FinetuneConfig)
     for k, v in asdict(FinetuneConfig()).items():
-        p.add_argument(f'--{k.replace("_", "-")}', type=_TYPES[type(v)], default=v, metavar=type(v).__name__.upper())
-    p.add_argument('--model', default='default'); p.add_argument('--checkpoint', default='')
-    p.add_argument('--dataset', default='cifar10'); p.add_argument('--train-fraction', type=_finite, default=0.1)
-    p.add_argument('--eval-size', type=int, default=500); p.add_argument('--eval-every', type=int, default=100)
-    p.add_argument('--heldout-size', type=int, default=512, help="held-out test images each round's noise is measured on")
-    p.add_argument('--out', default=''); p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--num-workers', type=int, default=-1, help='DataLoader workers decoding ImageFolder images (-1: auto)')
-    p.add_argument('--stop-after', type=int, default=None, help='stop after this many steps, keeping the state (run again without it to resume)')
+        g.add_argument(f'--{k.replace("_", "-")}', type=_TYPES[type(v)], default=v, metavar=type(v).__name__.upper(),
+                       help=option_help(docs[k], CHOICES.get(k)))
+    g, run = p.add_argument_group('model, data and run folder (run_finetune)'), docments(run_finetune, full=True)
+    for k, t in RUN_OPTIONS.items():
+        default = ('cuda' if torch.cuda.is_available() else 'cpu') if k == 'device' else run[k]['default']
+        g.add_argument(f'--{k.replace("_", "-")}', type=t, default=default, metavar=_METAVARS[t], help=option_help(run[k]['docment']))
     return p
 
 def main(argv: list[str] | None = None) -> None:
     "Console entry point `ns-vit-finetune`; works alone or under torchrun."
-    p = _parser()
+    p = cli_parser()
     a = vars(p.parse_args(_numbers_joined(sys.argv[1:] if argv is None else list(argv))))
     try: cfg = FinetuneConfig(**{k: a.pop(k) for k in asdict(FinetuneConfig())}).validate()
     except (TypeError, ValueError) as e: p.error(str(e))  # exit 2 with the message, before any work
@@ -228,7 +250,16 @@ assert 'must be a finite number, got inf' in cli_error(['--eps', 'inf']) and 'fi
 assert 'eps must be > 0' in cli_error(['--eps', '-0.03'])
 assert 'lr must be > 0' in cli_error(['--lr', '-1e-4'])  # a negative number in exponent form is a value, not an option
 test_eq(_numbers_joined(['--lr', '-1e-4', '--steps', '3']), ['--lr=-1e-4', '--steps', '3'])
-test_eq(_parser().parse_args(_numbers_joined(['--trades-beta', '-1e-1'])).trades_beta, -0.1)
+test_eq(cli_parser().parse_args(_numbers_joined(['--trades-beta', '-1e-1'])).trades_beta, -0.1)
+for k, values in CHOICES.items():  # every listed value is accepted, and nothing else
+    for v in values: FinetuneConfig(**{k: v}).validate()
+    test_fail(lambda: FinetuneConfig(**{k: 'nonsense'}).validate())
+_p = cli_parser(); _help = _p.format_help()
+test_eq([a.dest for a in _p._actions if not (a.help or '').strip()], [])  # every option says what it does
+assert "'trades'; choices: ns, none, gaussian, madry, trades (default: ns)" in ' '.join(_help.split())  # the field's comment, choices, default
+test_eq({a.dest: a.help for a in _p._actions}['noise_stop_window'], docments(FinetuneConfig)['noise_stop_window'])
+assert '10% of the loader' in ' '.join(_help.split()) and _help.rstrip().endswith('--dataset path/to/imagenet --device cuda')
+test_fail(lambda: option_help(''), contains='trailing # comment')
 
 
 # %% [markdown]

@@ -503,18 +503,35 @@ def sample_sizes(sizes: list[tuple[str | None, int]] | None, suite: str | list[s
     if bad: raise ValueError(f'--n names unknown metrics {bad}; the suite has {list(metrics)}')
     return {k: named.get(k, min(cap, m.n) if cap and m.n else cap or m.n) for k, m in metrics.items()}
 
-def _eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='ns-vit-evaluate', description='Score a ViT on the ns_vit robustness suite.')
+class CliHelp(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    "Help that adds each option's default (unless it is empty; floats to 4 digits) and keeps the description and example as written."
+    def _get_help_string(self, action: argparse.Action) -> str:
+        d = action.default
+        if d is argparse.SUPPRESS or d is None or d in ('', []) or '%(default)' in (action.help or ''): return action.help
+        shown = f'{d:.4g}' if isinstance(d, float) else str(d)  # 8/255 → 0.03137, not 0.03137254901960784
+        return f"{action.help} (default: {shown.replace('%', '%%')})"
+
+EVALUATE_EXAMPLE = """writes <out>.csv (one row per metric: value, n, 95% interval, settings) and <out>.md, and prints the table.
+
+examples:
+  ns-vit-evaluate --suite quick --out runs/eval/base      # the embedded default model: clean, FGSM and PGD at 1/255
+  ns-vit-evaluate --checkpoint runs/finetune/<run>/model.safetensors --suite cifar10 --out runs/eval/ns"""
+
+def cli_parser() -> argparse.ArgumentParser:
+    "The options of `ns-vit-evaluate`, each with its help."
+    p = argparse.ArgumentParser(prog='ns-vit-evaluate', description='Score a ViT on the ns_vit robustness suite.',
+                                epilog=EVALUATE_EXAMPLE, formatter_class=CliHelp)
     p.add_argument('--model', default='default', help="'default' (embedded CIFAR-10 ViT or an ns_vit checkpoint) or a timm ViT name")
     p.add_argument('--checkpoint', default='', help="weights: '' (default model's), a local file, or 'hub'")
     p.add_argument('--suite', default='cifar10', help=f"one of {SUITES}, or comma-separated metric names of {list(_cifar_suite())}")
     p.add_argument('--n', nargs='+', type=_sample_size, default=None, metavar='N|METRIC=N',
-                   help="a cap on every metric's sample size, and/or metric=N sizes for single metrics (each >= 1)")
-    p.add_argument('--data', nargs='*', default=[], help='name=folder pairs for sets that must be supplied')
+                   help="a cap on every metric's sample size, and/or metric=N sizes for single metrics (each >= 1); default: the suite's sizes")
+    p.add_argument('--data', nargs='*', default=[], metavar='NAME=FOLDER',
+                   help='name=folder pairs for sets that must be supplied (e.g. val=, imagenet_c=, cifar10_c=)')
     p.add_argument('--num-workers', '--workers', dest='num_workers', type=int, default=4, help='DataLoader workers decoding image folders')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=int, default=0, help='seed of the test-image sample, the attacks and the generated corrupted and transfer sets')
     p.add_argument('--out', default='evaluation', help='output name: writes <out>.csv and <out>.md (dots kept)')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help="'cpu', 'cuda' or 'cuda:K'")
     return p
 
 def output_paths(out: str | Path) -> tuple[Path, Path]:
@@ -525,7 +542,7 @@ def output_paths(out: str | Path) -> tuple[Path, Path]:
 
 def main(argv: list[str] | None = None) -> None:
     "Console entry point `ns-vit-evaluate`: evaluate one model, write `<out>.csv` and `<out>.md`."
-    p = _eval_parser(); a = p.parse_args(argv)
+    p = cli_parser(); a = p.parse_args(argv)
     bad = [d for d in a.data if '=' not in d]
     if bad: p.error(f'--data takes name=folder pairs, got {bad}')
     data, suite = dict(d.split('=', 1) for d in a.data), a.suite.split(',') if ',' in a.suite else a.suite
@@ -568,3 +585,7 @@ test_eq(sample_sizes([('pgd_small', 7)], 'quick'), dict(clean=10000, fgsm_small=
 test_eq(sample_sizes([(None, 3), ('patch_fool', 1)], 'imagenet')['imagenet_c'], 3)  # sets without a default size: the cap
 assert "valid keys are ['val', 'cifar10_c'" in cli_error(['--data', 'cifar101=.'])
 assert "unknown metrics ['cleen']" in cli_error(['--suite', 'cleen,fgsm'])
+_help = cli_parser().format_help()
+test_eq([a.dest for a in cli_parser()._actions if not (a.help or '').strip()], [])  # every option says what it does
+assert _help.rstrip().endswith('--suite cifar10 --out runs/eval/ns') and '--seed SEED' in _help and '(default: 0)' in _help
+
