@@ -131,5 +131,5 @@ check-pairs:  ## fail if a text pair in text/ is missing or out of date with its
 
 .PHONY: help
 help:  ## every target with what it does (this list)
-	@awk '/^[A-Za-z_-]+:([^=]|$$)/ { name = $$0; sub(/:.*/, "", name); desc = $$0; \
+	@awk '/^[A-Za-z0-9_-]+:([^=]|$$)/ { name = $$0; sub(/:.*/, "", name); desc = $$0; \
 	  if (!sub(/^[^#]*## /, "", desc)) desc = "(no description)"; printf "  make %-12s %s\n", name, desc }' $(firstword $(MAKEFILE_LIST))

@@ -42,7 +42,7 @@ def test_finetune_help_comes_from_the_dataclass_comments():
 
 
 def makefile_targets() -> list[str]:
-    return re.findall(r'^([A-Za-z_-]+):(?!=)', (ROOT / 'Makefile').read_text(), flags=re.M)
+    return re.findall(r'^([A-Za-z0-9_-]+):(?!=)', (ROOT / 'Makefile').read_text(), flags=re.M)
 
 
 @pytest.mark.skipif(shutil.which('make') is None, reason='make is not installed')
