@@ -11,7 +11,7 @@
 # %%
 #| export
 from __future__ import annotations
-import hashlib, json, math, os, re, socket, tempfile, time
+import hashlib, json, math, os, re, socket, sys, tempfile, time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -121,6 +121,11 @@ test_eq(seed_of(0, 1), seed_of(0, 1)); assert seed_of(0, 1) != seed_of(1, 0)
 
 # %% [markdown]
 # ## Ranks and run folders
+#
+# Processes that share a run folder or a cache entry take turns through `file_lock`. A process that has to wait says at
+# once what it waits for and which process holds the lock (its pid from `/proc/locks`, and whether it is stopped, as
+# after Ctrl-Z), and gives up after `NS_VIT_LOCK_TIMEOUT` seconds (default 6 hours: a run that another worker is
+# training is worth waiting for) with a `TimeoutError` naming the holder, instead of hanging silently.
 
 # %%
 #| export
@@ -142,14 +147,42 @@ def claim_run_dir(run_dir: str | Path, spec: dict) -> Path:
     if rank_world()[0] == 0: atomic_save(spec, f, lambda o, p: Path(p).write_text(json.dumps(o, indent=2)))
     return run_dir
 
+LOCK_TIMEOUT_S = 6 * 3600.0  # how long a lock is waited for before giving up; `NS_VIT_LOCK_TIMEOUT` (seconds) overrides
+
+def lock_holder(path: str | Path) -> str:
+    "Who holds the flock on `path`: 'pid N' (from /proc/locks; Linux), and whether it is stopped; else 'another process'."
+    try:
+        st = os.stat(path); dev = f'{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}'
+        pid = next(int(f[4]) for f in map(str.split, open('/proc/locks')) if len(f) > 5 and f[1] == 'FLOCK' and f[5] == dev)
+    except (OSError, StopIteration, ValueError): return 'another process'
+    try: stopped = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0] in 'Tt'
+    except (OSError, IndexError): stopped = False
+    return f'pid {pid}' + (f' (stopped, e.g. by Ctrl-Z: resume it with `kill -CONT {pid}`, or end it)' if stopped else '')
+
 @contextmanager
-def file_lock(folder: str | Path, name: str = '.lock'):
-    "An exclusive lock on `folder` (file `name` in it, created if missing): another process asking for it waits instead of racing."
+def file_lock(folder: str | Path, name: str = '.lock', *,
+              what: str = '',  # what the lock guards, for the messages (default: the folder)
+              timeout: float | None = None,  # seconds to wait before giving up; None: `NS_VIT_LOCK_TIMEOUT` or LOCK_TIMEOUT_S
+              ):
+    "An exclusive lock on `folder` (file `name` in it): another process asking for it says whom it waits for, and gives up after `timeout`."
     try: import fcntl
     except ImportError: yield; return  # no POSIX locks (Windows): nothing is shared between processes there
     Path(folder).mkdir(parents=True, exist_ok=True)
-    with open(Path(folder) / name, 'a') as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    path, what = Path(folder) / name, what or str(folder)
+    timeout = float(os.environ.get('NS_VIT_LOCK_TIMEOUT', LOCK_TIMEOUT_S)) if timeout is None else timeout
+    def take() -> bool:
+        try: fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB); return True
+        except BlockingIOError: return False
+    with open(path, 'a') as fh:
+        if not take():
+            print(f'waiting for {what}: {path} is locked by {lock_holder(path)}; giving up after {timeout:g} s '
+                  '(NS_VIT_LOCK_TIMEOUT)', file=sys.stderr, flush=True)
+            t0 = time.monotonic()
+            while not take():
+                if time.monotonic() - t0 > timeout:
+                    raise TimeoutError(f'gave up waiting for {what} after {timeout:g} s: {path} is still locked by '
+                                       f'{lock_holder(path)}; let it finish, end it, or set NS_VIT_LOCK_TIMEOUT (seconds) higher')
+                time.sleep(0.2)
         try: yield
         finally: fcntl.flock(fh, fcntl.LOCK_UN)
 
@@ -170,6 +203,28 @@ with tempfile.TemporaryDirectory() as d:
     with run_lock(Path(d) / 'r'), open(Path(d) / 'r' / '.lock') as other:  # a second holder is refused while the lock is held
         test_fail(lambda: fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB))
     with open(Path(d) / 'r' / '.lock') as other: fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released afterwards
+
+# %%
+# a second process waits for a lock that a suspended run holds (Ctrl-Z): it says for what and for whom at once, and
+# gives up after the stated time naming the holder's pid, instead of hanging silently
+import signal, contextlib, io
+with tempfile.TemporaryDirectory() as d:
+    script = f'import fcntl, time; fh = open({str(Path(d) / ".lock")!r}, "a"); fcntl.flock(fh, fcntl.LOCK_EX); print(1, flush=True); time.sleep(60)'
+    holder = subprocess.Popen([sys.executable, '-c', script], stdout=subprocess.PIPE, text=True)
+    try:
+        holder.stdout.readline()  # it holds the lock now
+        os.kill(holder.pid, signal.SIGSTOP)
+        test_eq(lock_holder(Path(d) / '.lock'), f'pid {holder.pid} (stopped, e.g. by Ctrl-Z: resume it with `kill -CONT {holder.pid}`, or end it)')
+        def second():
+            with file_lock(d, what='the run folder r', timeout=0.5): pass
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            test_fail(second, contains=f'gave up waiting for the run folder r after 0.5 s: {Path(d) / ".lock"} is still locked by pid {holder.pid} (stopped')
+        assert err.getvalue().startswith(f'waiting for the run folder r: {Path(d) / ".lock"} is locked by pid {holder.pid}'), err.getvalue()
+        assert 'giving up after 0.5 s' in err.getvalue()
+    finally: holder.kill(); holder.wait()
+    with file_lock(d, timeout=0.5): pass  # released when its holder ends
+    test_eq(lock_holder(Path(d) / '.lock'), 'another process')  # nobody holds it
 
 
 # %% [markdown]
