@@ -121,8 +121,10 @@ def load_entry(path: str | Path, *, meta: dict | None = None, quiet: bool = Fals
 # %% ../nbs/01c_cache.ipynb #197fac98
 def _unstored(path: Path, e: OSError) -> None:
     "Warn that the entry `path` could not be written: its value is returned but not kept."
-    warnings.warn(f'cannot write the cache entry {path} ({type(e).__name__}: {e.strerror or e}): the result is returned but '
-                  'not kept; free space or make the folder writable, or set NS_VIT_CACHE to another folder', CacheWarning, stacklevel=3)
+    why = e.strerror or str(e)  # atomic_save's message already names the path and the fix
+    if not why.startswith('cannot write'):
+        why = f'cannot write {path} ({why}): free space or make its folder writable, or set NS_VIT_CACHE to another folder'
+    warnings.warn(f'{why}; the result is returned but not cached', CacheWarning, stacklevel=3)
 
 def cached(path: str | Path, compute: Callable[[], object], *, meta: dict | None = None) -> tuple[object, bool]:
     "(value, True) from the verified cache entry `path`, else (compute(), False) after saving it; one writer at a time."

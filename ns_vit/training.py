@@ -4,7 +4,7 @@
 
 # %% ../nbs/01b_training.ipynb #452325b4
 from __future__ import annotations
-import hashlib, json, math, os, re, socket, sys, tempfile, time
+import errno, hashlib, json, math, os, re, socket, sys, tempfile, time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -21,16 +21,32 @@ __all__ = ['LOCK_TIMEOUT_S', 'atomic_save', 'clean_tmp', 'cosine_lr', 'seed_of',
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]  # tags temp files with their writer's host
 _TMP = re.compile(r'^\.(?P<name>.+)\.(?P<host>[0-9a-f]{6})-(?P<pid>\d+)\.[^.]+\.tmp$')
 
+def _unwritable(path: Path, e: Exception) -> OSError:
+    "An OSError that names `path`, why it could not be written, and what to change."
+    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+    m = re.search(r'os error (\d+)', str(e))  # safetensors' wording of an OS error
+    code = getattr(e, 'errno', None) or (int(m[1]) if m else errno.EIO)
+    return OSError(code, f'cannot write {path} ({why}): free space on its disk or make '
+                   f'{path.parent} writable, or write elsewhere (caches: NS_VIT_CACHE; runs and checkpoints: the out or path passed)')
+
 def atomic_save(obj, path: str | Path, saver=torch.save) -> Path:
-    "Write `obj` to `path` with `saver(obj, tmp_path)` then rename, so readers never see a partial file."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.{_HOST}-{os.getpid()}.', suffix='.tmp')
+    "Write `obj` to `path` with `saver(obj, tmp_path)` then rename, so readers never see a partial file; a full or read-only disk gets an OSError naming `path`."
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.{_HOST}-{os.getpid()}.', suffix='.tmp')
+    except OSError as e: raise _unwritable(path, e) from e
     os.close(fd)
     umask = os.umask(0); os.umask(umask)
     try:
         saver(obj, tmp)
         os.chmod(tmp, 0o666 & ~umask)  # after the saver: mkstemp and some savers (safetensors) make 0600 files
         os.replace(tmp, path)
+    except OSError as e: raise _unwritable(path, e) from e
+    except Exception as e:  # savers wrap a full disk in their own errors: torch.save's "[enforce fail at inline_container.cc:672]
+        # . unexpected pos …", safetensors' "Error while serializing: I/O error: No space left on device (os error 28)"
+        if any(s in str(e) for s in ('inline_container', 'PytorchStreamWriter', '(os error')): raise _unwritable(path, e) from e
+        raise
     finally:
         if os.path.exists(tmp): os.remove(tmp)
     return path

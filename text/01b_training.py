@@ -11,7 +11,7 @@
 # %%
 #| export
 from __future__ import annotations
-import hashlib, json, math, os, re, socket, sys, tempfile, time
+import errno, hashlib, json, math, os, re, socket, sys, tempfile, time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -36,16 +36,32 @@ from fastcore.test import test_eq, test_close, test_fail
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]  # tags temp files with their writer's host
 _TMP = re.compile(r'^\.(?P<name>.+)\.(?P<host>[0-9a-f]{6})-(?P<pid>\d+)\.[^.]+\.tmp$')
 
+def _unwritable(path: Path, e: Exception) -> OSError:
+    "An OSError that names `path`, why it could not be written, and what to change."
+    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+    m = re.search(r'os error (\d+)', str(e))  # safetensors' wording of an OS error
+    code = getattr(e, 'errno', None) or (int(m[1]) if m else errno.EIO)
+    return OSError(code, f'cannot write {path} ({why}): free space on its disk or make '
+                   f'{path.parent} writable, or write elsewhere (caches: NS_VIT_CACHE; runs and checkpoints: the out or path passed)')
+
 def atomic_save(obj, path: str | Path, saver=torch.save) -> Path:
-    "Write `obj` to `path` with `saver(obj, tmp_path)` then rename, so readers never see a partial file."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.{_HOST}-{os.getpid()}.', suffix='.tmp')
+    "Write `obj` to `path` with `saver(obj, tmp_path)` then rename, so readers never see a partial file; a full or read-only disk gets an OSError naming `path`."
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.{_HOST}-{os.getpid()}.', suffix='.tmp')
+    except OSError as e: raise _unwritable(path, e) from e
     os.close(fd)
     umask = os.umask(0); os.umask(umask)
     try:
         saver(obj, tmp)
         os.chmod(tmp, 0o666 & ~umask)  # after the saver: mkstemp and some savers (safetensors) make 0600 files
         os.replace(tmp, path)
+    except OSError as e: raise _unwritable(path, e) from e
+    except Exception as e:  # savers wrap a full disk in their own errors: torch.save's "[enforce fail at inline_container.cc:672]
+        # . unexpected pos …", safetensors' "Error while serializing: I/O error: No space left on device (os error 28)"
+        if any(s in str(e) for s in ('inline_container', 'PytorchStreamWriter', '(os error')): raise _unwritable(path, e) from e
+        raise
     finally:
         if os.path.exists(tmp): os.remove(tmp)
     return path
@@ -83,6 +99,24 @@ with tempfile.TemporaryDirectory() as d:
     def private(o, p): os.remove(p); fd = os.open(p, os.O_CREAT | os.O_WRONLY, 0o600); os.write(fd, b'x'); os.close(fd)
     umask = os.umask(0o022); atomic_save(None, Path(d) / 'y.bin', private); os.umask(umask)
     test_eq(oct(os.stat(Path(d) / 'y.bin').st_mode & 0o777), '0o644')  # a 0600 saver still gives 0644 under umask 022
+
+# %%
+# a full disk: torch.save's and safetensors' own errors (recorded on a 64 kB tmpfs) and a plain ENOSPC become an OSError naming the path
+# and what to change; the old file survives and no temp file is left
+with tempfile.TemporaryDirectory() as d:
+    p = atomic_save({'a': torch.ones(2)}, Path(d) / 'x.pt')
+    def torch_full(o, p): Path(p).write_bytes(b'half'); raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534')
+    def os_full(o, p): raise OSError(errno.ENOSPC, 'No space left on device')
+    from safetensors import SafetensorError
+    def st_full(o, p): raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
+    for saver, why in ((torch_full, '[enforce fail at inline_container.cc:672]'), (os_full, 'No space left on device'),
+                       (st_full, 'Error while serializing: I/O error: No space left on device (os error 28)')):
+        test_fail(lambda: atomic_save(1, p, saver), contains=f'cannot write {p} ({why}')
+        test_fail(lambda: atomic_save(1, p, saver), contains='free space on its disk')
+        test_eq(torch.load(p, weights_only=True)['a'], torch.ones(2)); test_eq([f.name for f in Path(d).iterdir()], ['x.pt'])
+    (Path(d) / 'file').write_text('x')  # a path under a file (as under a read-only folder: nothing can be created there)
+    test_fail(lambda: atomic_save(1, Path(d) / 'file' / 'y.pt'), contains=f"cannot write {Path(d) / 'file' / 'y.pt'} (")
+
 
 # %% [markdown]
 # A `kill -9` during a write leaves the temp file behind. `clean_tmp` removes it once its process is gone (or it is

@@ -218,8 +218,10 @@ with tempfile.TemporaryDirectory() as d:
 #| export
 def _unstored(path: Path, e: OSError) -> None:
     "Warn that the entry `path` could not be written: its value is returned but not kept."
-    warnings.warn(f'cannot write the cache entry {path} ({type(e).__name__}: {e.strerror or e}): the result is returned but '
-                  'not kept; free space or make the folder writable, or set NS_VIT_CACHE to another folder', CacheWarning, stacklevel=3)
+    why = e.strerror or str(e)  # atomic_save's message already names the path and the fix
+    if not why.startswith('cannot write'):
+        why = f'cannot write {path} ({why}): free space or make its folder writable, or set NS_VIT_CACHE to another folder'
+    warnings.warn(f'{why}; the result is returned but not cached', CacheWarning, stacklevel=3)
 
 def cached(path: str | Path, compute: Callable[[], object], *, meta: dict | None = None) -> tuple[object, bool]:
     "(value, True) from the verified cache entry `path`, else (compute(), False) after saving it; one writer at a time."
@@ -281,7 +283,8 @@ with tempfile.TemporaryDirectory() as d:
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter('always'); value, hit = cached(Path(d) / 'file' / 'k.pt', compute, meta={'v': 1})
     test_eq((float(value['value']), hit), (0.5, False))
-    assert 'cannot write the cache entry' in str(w[0].message) and 'NS_VIT_CACHE' in str(w[0].message), w[0].message
+    assert str(w[0].message).startswith(f"cannot write {Path(d) / 'file' / 'k.pt'} (") and 'NS_VIT_CACHE' in str(w[0].message), w[0].message
+    assert str(w[0].message).endswith('the result is returned but not cached')
     def full(*a, **k): raise OSError(errno.ENOSPC, 'No space left on device')
     keep, save_entry = save_entry, full  # the disk fills up
     try:
@@ -289,6 +292,6 @@ with tempfile.TemporaryDirectory() as d:
             warnings.simplefilter('always'); value, hit = cached(Path(d) / 'k.pt', compute, meta={'v': 1})
     finally: save_entry = keep
     test_eq((float(value['value']), hit), (0.5, False))
-    assert f"cannot write the cache entry {Path(d) / 'k.pt'} (OSError: No space left on device)" in str(w[0].message), w[0].message
+    assert str(w[0].message).startswith(f"cannot write {Path(d) / 'k.pt'} (No space left on device): free space"), w[0].message
     assert not (Path(d) / 'k.pt').exists()
 
