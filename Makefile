@@ -123,6 +123,10 @@ docs-check:  ## every page of _site/ in headless Chromium (apt-get install -y ch
 	$(BIN)/python -m pytest -q -p no:cacheprovider tools/test_check_site.py
 	$(BIN)/python tools/check_site.py
 
+.PHONY: lint
+lint:  ## undefined names and unused imports (pyflakes, pinned in constraints.txt) in ns_vit/, tests/, tools/, docs/
+	$(BIN)/python -m pyflakes ns_vit tests tools docs/*.py
+
 pairs:  ## text pairs of the notebooks for reviews and diffs: nbs/<name>.ipynb -> text/<name>.py (jupytext py:percent)
 	$(BIN)/python tools/pairs.py
 

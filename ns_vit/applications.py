@@ -10,8 +10,8 @@ import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
-from .models import as_vit, check_vit, PixelViT
-from .nullspace import (patch_size, patch_embed_matrix, patch_embed_nullspace, project_to_nullspace, null_dims,
+from .models import as_vit
+from .nullspace import (patch_size, patch_embed_matrix, project_to_nullspace, null_dims,
                               _numerical_rank, _check_img_size, _f64)
 
 # %% auto #0

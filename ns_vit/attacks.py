@@ -14,6 +14,7 @@ from torchattacks.attack import Attack
 from tqdm.auto import tqdm
 from .models import as_vit, model_device
 from .attention import record_attention, token_layout
+from .checks import check_images, check_model
 
 # %% auto #0
 __all__ = ['ABORT_TOL', 'ATTACKS', 'PCGRAD_MODES', 'LINF_ATTACKS', 'ATTACK_PRESETS', 'margin', 'fmt_eps', 'default_alpha',
@@ -429,6 +430,7 @@ def _summary(model: nn.Module, s: dict, clean: Tensor, correct: Tensor, linf: Te
 def run_attack(model: nn.Module, images: Tensor, labels: Tensor, attack: str, *, batch_size: int = 250, seed: int = 0,
                quiet: bool = True, **budget) -> dict:
     "Attack `images` (N, C, H, W) in [0, 1] with `attack` and `budget`: per-image outcome, accuracy, label, settings."
+    check_model(model); check_images(images)
     s = attack_settings(model, attack, **budget) | {'seed': seed}
     was_training, dev = model.training, model_device(model)
     out = {k: [] for k in ('clean', 'correct', 'linf', 'l2')}

@@ -7,7 +7,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
-import torch
 from torch import nn, Tensor
 from .models import as_vit
 

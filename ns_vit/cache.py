@@ -5,6 +5,7 @@
 # %% ../nbs/01c_cache.ipynb #e69d3efe
 from __future__ import annotations
 import hashlib, io, json, os, warnings
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
 import numpy as np
@@ -18,7 +19,7 @@ __all__ = ['ENTRY_FORMAT', 'CacheWarning', 'content_digest', 'file_digest', 'fol
 
 # %% ../nbs/01c_cache.ipynb #e9d17560
 class CacheWarning(UserWarning):
-    "A cache entry was unusable (corrupt, truncated or stale) and is being regenerated."
+    "A cache entry was unusable (corrupt, truncated or stale: it is regenerated) or could not be written (the value is returned uncached)."
 
 def _feed(h, x) -> None:
     "Feed `x` into hash `h` with a type tag, so different values never give the same byte stream."
@@ -105,28 +106,42 @@ def _problem(raw: bytes, meta: dict | None) -> tuple[str | None, bytes]:
         return f'is stale (made with other {diff})', b''
     return None, payload
 
-def load_entry(path: str | Path, *, meta: dict | None = None):
-    "The object in cache entry `path`; None if missing, or (with a `CacheWarning` naming it) corrupt, truncated or stale."
+def load_entry(path: str | Path, *, meta: dict | None = None, quiet: bool = False):
+    "The object in cache entry `path`; None if missing, or (with a `CacheWarning` naming it unless `quiet`) corrupt, truncated or stale."
     path = Path(path)
     try: raw = path.read_bytes()
-    except FileNotFoundError: return None
+    except (FileNotFoundError, NotADirectoryError): return None
     why, payload = _problem(raw, meta)
     if why is None:
         try: return torch.load(io.BytesIO(payload), weights_only=True)
         except Exception as e: why = f'cannot be loaded ({type(e).__name__})'
-    warnings.warn(f'cache entry {path} {why}: regenerating it', CacheWarning, stacklevel=2)
+    if not quiet: warnings.warn(f'cache entry {path} {why}: regenerating it', CacheWarning, stacklevel=2)
     return None
 
 # %% ../nbs/01c_cache.ipynb #197fac98
+def _unstored(path: Path, e: OSError) -> None:
+    "Warn that the entry `path` could not be written: its value is returned but not kept."
+    why = e.strerror or str(e)  # atomic_save's message already names the path and the fix
+    if not why.startswith('cannot write'):
+        why = f'cannot write {path} ({why}): free space or make its folder writable, or set NS_VIT_CACHE to another folder'
+    warnings.warn(f'{why}; the result is returned but not cached', CacheWarning, stacklevel=3)
+
 def cached(path: str | Path, compute: Callable[[], object], *, meta: dict | None = None) -> tuple[object, bool]:
     "(value, True) from the verified cache entry `path`, else (compute(), False) after saving it; one writer at a time."
     path = Path(path)
-    with file_lock(path.parent, f'.{path.name}.lock'):
+    value = load_entry(path, meta=meta, quiet=True)  # no lock to read: entries are replaced atomically
+    if value is not None: return value, True
+    with ExitStack() as stack:
+        try: stack.enter_context(file_lock(path.parent, f'.{path.name}.lock', what=f'the cache entry {path} (being computed)'))
+        except TimeoutError: raise
+        except OSError as e:  # the folder cannot hold a lock file (read-only, full, not a folder): compute alone
+            value = compute(); _unstored(path, e); return value, False
         clean_tmp(path.parent)
         value = load_entry(path, meta=meta)
         if value is not None: return value, True
         value = compute()
-        save_entry(value, path, meta=meta)
+        try: save_entry(value, path, meta=meta)
+        except OSError as e: _unstored(path, e)
         return value, False
 
 def verify_file(path: str | Path, sha256: str | None) -> str | None:

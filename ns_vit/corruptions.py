@@ -4,7 +4,7 @@
 
 # %% ../nbs/06b_corruptions.ipynb #ab0e930c
 from __future__ import annotations
-import hashlib, io, json, math, os, time, warnings, zlib
+import hashlib, io, json, math, time, warnings, zlib
 from functools import lru_cache
 from pathlib import Path
 import numpy as np
@@ -17,9 +17,9 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter, map_coordinates, zoom as scizoom
 import skimage.color, skimage.util
 import ns_vit
-from .data import cache_dir, atomic_save, cifar10, folder_class_index, imagenet_class_index, LabelMap
-from .training import file_lock, clean_tmp
-from .cache import content_digest, file_digest, folder_digest, verify_file
+from .data import cache_dir, cifar10, folder_class_index, imagenet_class_index, LabelMap
+from .training import atomic_save, file_lock, clean_tmp
+from .cache import content_digest, file_digest, verify_file
 from .models import predict
 from .stats import wilson_ci, mean_ci
 
@@ -494,11 +494,11 @@ def imagenet_c(root: str | Path, corruption: str, severity: int, img_size: int =
     d = Path(root).expanduser() / corruption / str(severity)
     if not d.is_dir(): raise FileNotFoundError(f'{d} not found: `root` must hold <corruption>/<1..5>/<wnid>/ folders (ImageNet-C)')
     ds = ImageFolder(str(d), transform=T.ToTensor())  # already 224 × 224: no resize, no crop (RobustBench#59)
-    index = folder_class_index(ds.classes)  # wnid folders: ImageNet-1k indices, as the clean and shifted sets
+    index = folder_class_index(ds.classes, where=f'ImageNet-C folder {d}')  # wnid folders: ImageNet-1k indices, as the clean and shifted sets
     if any(index[c] != i for i, c in enumerate(ds.classes)):
         ds.target_transform = LabelMap({i: index[c] for i, c in enumerate(ds.classes)})
     if len(ds.classes) != 1000 and not all(c in imagenet_class_index() for c in ds.classes):
-        warnings.warn(f'{d} has {len(ds.classes)} class folders that are not all ImageNet wnids: labels are their sorted positions')
+        warnings.warn(f'{d} has {len(ds.classes)} class folders that are not ImageNet wnids: labels are their sorted positions')
     first = ds[0][0]
     if first.shape[-2:] != (img_size, img_size):
         raise ValueError(f'{ds.samples[0][0]} is {tuple(first.shape[-2:])}, expected {img_size}×{img_size} (ImageNet-C is 224 px)')

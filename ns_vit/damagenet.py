@@ -4,7 +4,7 @@
 
 # %% ../nbs/06d_damagenet.ipynb #13d061f0
 from __future__ import annotations
-import inspect, json, time, warnings
+import hashlib, inspect, json, time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -16,7 +16,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 import ns_vit
-from .data import UInt8Images, cifar10, cache_dir, atomic_save, repo_root
+from .data import UInt8Images, cifar10, cache_dir, repo_root
+from .training import atomic_save
 from .models import CIFAR10_MEAN, CIFAR10_STD, accuracy, model_device, read_state_dict, weights_digest
 from .pretrain import TrainConfig, train_classifier
 from .noise import frozen

@@ -4,20 +4,21 @@
 
 # %% ../nbs/00_data.ipynb #0b3ef6b7
 from __future__ import annotations
-import os, io, tarfile, tempfile
+import os, io, tarfile
 from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 from PIL import Image
-from .training import atomic_save  # re-exported here: caches and checkpoints import it from data
+from .training import atomic_save  # re-exported here (`_all_`): models imports it from data
 from .cache import cached, file_digest, folder_digest, content_digest
+_all_ = ['atomic_save']
 
 # %% auto #0
-__all__ = ['CIFAR10_CLASSES', 'ARCHIVE_NAME', 'CIFAR10_DECODER_VERSION', 'repo_root', 'data_dirs', 'cache_dir', 'UInt8Images',
-           'cifar10', 'pixel_transform', 'imagenet_class_index', 'LabelMap', 'folder_class_index', 'image_folder',
-           'augment', 'load_images']
+__all__ = ['CIFAR10_CLASSES', 'ARCHIVE_NAME', 'CIFAR10_DECODER_VERSION', 'CIFAR10_PER_CLASS', 'ARCHIVE_SHA256', 'repo_root',
+           'data_dirs', 'cache_dir', 'UInt8Images', 'cifar10', 'pixel_transform', 'imagenet_class_index', 'LabelMap',
+           'folder_class_index', 'image_folder', 'augment', 'load_images', 'atomic_save']
 
 # %% ../nbs/00_data.ipynb #9e4fa867
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
@@ -117,6 +118,25 @@ def _download_cifar10(split: str) -> tuple[str, Path]:
 
 # %% ../nbs/00_data.ipynb #f37c28e1
 CIFAR10_DECODER_VERSION = 1  # bump when decoding changes: decoded caches made by another version are stale
+CIFAR10_PER_CLASS = {'train': 5000, 'test': 1000}  # images per class of the full data set
+ARCHIVE_SHA256 = 'cb6c50520509605d4bd1856cb7eaba797dabcec3c19d93ce945b0ec1aee34a5f'  # of ARCHIVE_NAME (60,000 JPEGs)
+_REFETCH = ('restore it from a good copy or point NS_VIT_DATA at the folder that holds one (the archive '
+            f'{ARCHIVE_NAME}, an ImageFolder tree cifar10/{{train,test}}/<class>/, or cifar-10-batches-py)')
+
+def _check_archive(path: Path) -> None:
+    "Refuse a CIFAR-10 archive whose bytes are not those of the known archive (damaged, truncated or repacked)."
+    if file_digest(path) != ARCHIVE_SHA256:
+        raise ValueError(f'{path} is not the CIFAR-10 JPEG archive ns_vit knows: its sha256 {file_digest(path)[:12]}… is not '
+                         f'{ARCHIVE_SHA256[:12]}… (damaged, truncated or repacked); {_REFETCH}')
+
+def _check_counts(labels: Tensor, split: str, kind: str, path: Path) -> None:
+    "Refuse a partial CIFAR-10: an archive or batches need 5,000/1,000 images per class, a folder the same number in every class."
+    counts = torch.bincount(labels, minlength=len(CIFAR10_CLASSES)).tolist()
+    want = CIFAR10_PER_CLASS[split]
+    if (kind != 'folder' and counts != [want] * len(counts)) or min(counts) == 0 or len(set(counts)) > 1:
+        per = ', '.join(f'{c} {k}' for c, k in zip(CIFAR10_CLASSES, counts))
+        raise ValueError(f'CIFAR-10 {split} from {path} is incomplete: images per class {per} (the full set has {want:,} '
+                         f'in each{"" if kind != "folder" else "; a folder needs the same number in every class"}); {_REFETCH}')
 
 def _source_digest(kind: str, path: Path) -> str:
     "Content key of a CIFAR-10 source: the archive's sha256, the batch files' sha256s, or an image folder's fingerprint."
@@ -133,11 +153,13 @@ def cifar10(split: str = 'train', root: str | Path | None = None, download: bool
                                                  'set NS_VIT_DATA to the folder that holds it.')
         found = _download_cifar10(split)
     kind, path = found
+    if kind == 'archive': _check_archive(path)
     source = _source_digest(kind, path)
     decode = {'archive': lambda: _from_archive(path, split), 'folder': lambda: _from_folder(path),
               'batches': lambda: _from_batches(path, split)}[kind]
     d, _ = cached(cache_dir() / f'cifar10-{split}-{kind}-{source}.pt', lambda: dict(zip(('images', 'labels'), decode())),
                   meta=dict(split=split, kind=kind, source=source, decoder_version=CIFAR10_DECODER_VERSION))
+    _check_counts(d['labels'], split, kind, path)
     return UInt8Images(d['images'], d['labels'])
 
 # %% ../nbs/00_data.ipynb #4d8ced7d
@@ -164,11 +186,18 @@ class LabelMap:
     def __init__(self, mapping: dict[int, int]): self.mapping = dict(mapping)
     def __call__(self, t: int) -> int: return self.mapping[t]
 
-def folder_class_index(classes: list[str], labels: str = 'auto') -> dict[str, int]:
-    "Model class of each class folder: ImageNet-1k indices when every folder is a wnid ('auto'), else sorted positions."
+def folder_class_index(classes: list[str], labels: str = 'auto', where: str = 'the folder') -> dict[str, int]:
+    "Model class of each class folder: by name where the names are known (CIFAR-10 classes, ImageNet wnids; 'auto'), else sorted positions."
     if labels not in ('auto', 'position'): raise ValueError(f"labels must be 'auto' or 'position', got {labels!r}")
-    index = imagenet_class_index() if labels == 'auto' else {}
-    if classes and index and all(c in index for c in classes): return {c: index[c] for c in classes}
+    if labels == 'position': return {c: i for i, c in enumerate(classes)}
+    for index, what in ((dict(zip(CIFAR10_CLASSES, range(10))), 'CIFAR-10 classes'), (imagenet_class_index(), 'ImageNet-1k wnids')):
+        known = [c for c in classes if c in index]
+        if not known: continue
+        unknown = [c for c in classes if c not in index]
+        if unknown: raise ValueError(f'{where} has class folders {unknown} that are not {what}, beside {len(known)} that are '
+                                     f'({known[0]}, …): a model of those classes has no such class. Remove those folders, or '
+                                     'map every folder to a model class yourself (class_to_idx)')
+        return {c: index[c] for c in classes}
     return {c: i for i, c in enumerate(classes)}
 
 def image_folder(root: str | Path, img_size: int = 224, crop_pct: float = 0.875, class_to_idx: dict | None = None, *,
@@ -180,7 +209,7 @@ def image_folder(root: str | Path, img_size: int = 224, crop_pct: float = 0.875,
                                                   'holds one sub-folder per class.')
     ds = ImageFolder(str(root), transform=pixel_transform(img_size, crop_pct))
     if len(ds) == 0: raise ValueError(f'no images found under {root}')
-    class_to_idx = class_to_idx if class_to_idx is not None else folder_class_index(ds.classes, labels)
+    class_to_idx = class_to_idx if class_to_idx is not None else folder_class_index(ds.classes, labels, f'ImageFolder {root}')
     remap = {ds.class_to_idx[k]: v for k, v in class_to_idx.items() if k in ds.class_to_idx}
     if any(k != v for k, v in remap.items()): ds.target_transform = LabelMap(remap)
     return ds

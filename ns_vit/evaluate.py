@@ -196,6 +196,9 @@ def check_request(suite: str | list[str], n: int | dict | None = None, data: dic
 def evaluate(model: nn.Module, suite: str | list[str] = 'cifar10', n: int | dict | None = None, data: dict | None = None,
              seed: int = 0, batch_size: int = 500, cache: bool = True, quiet: bool = False) -> pd.DataFrame:
     "Score `model` on a robustness suite: one row per metric with value, n, 95% CI and settings."
+    from ns_vit.checks import check_model  # (to move to the import cell)
+    known = (1000, 'ImageNet') if suite == 'imagenet' else (None, 'a val folder') if data and 'val' in data else (10, 'CIFAR-10')
+    check_model(model, *known)  # a PixelViT with the classes of the data (those of a `val` folder are not known here)
     metrics, data = suite_metrics(suite), check_request(suite, n, data)
     for s in CIFAR10_SHIFTS:  # shifted CIFAR-10 test sets join the CIFAR suite when the user has them
         if s in data: metrics[s] = Metric('shift', None, {'shift': s}, SHIFTS[s].loader.__name__, needs=s)

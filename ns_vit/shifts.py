@@ -83,7 +83,7 @@ def _need_dir(root: str | Path, what: str, get: str) -> Path:
     if not root.is_dir(): raise FileNotFoundError(f'{what}: folder {root} does not exist. Expected {get}')
     return root
 
-def _folders(root: Path, transform) -> 'ImageFolder':
+def _folders(root: Path, transform) -> Dataset:
     "torchvision ImageFolder (sorted sub-folders) with a clear error when empty."
     from torchvision.datasets import ImageFolder
     try: return ImageFolder(str(root), transform=transform)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01b_training.ipynb #452325b4
 from __future__ import annotations
-import hashlib, json, math, os, re, socket, tempfile, time
+import errno, hashlib, json, math, os, re, socket, sys, tempfile, time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -14,23 +14,39 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 # %% auto #0
-__all__ = ['atomic_save', 'clean_tmp', 'cosine_lr', 'seed_of', 'rank_world', 'claim_run_dir', 'file_lock', 'run_lock',
-           'step_indices', 'StepBatchSampler', 'step_batches', 'gather']
+__all__ = ['LOCK_TIMEOUT_S', 'atomic_save', 'clean_tmp', 'cosine_lr', 'seed_of', 'rank_world', 'claim_run_dir', 'lock_holder',
+           'file_lock', 'run_lock', 'step_indices', 'StepBatchSampler', 'step_batches', 'gather']
 
 # %% ../nbs/01b_training.ipynb #019abdfb
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]  # tags temp files with their writer's host
 _TMP = re.compile(r'^\.(?P<name>.+)\.(?P<host>[0-9a-f]{6})-(?P<pid>\d+)\.[^.]+\.tmp$')
 
+def _unwritable(path: Path, e: Exception) -> OSError:
+    "An OSError that names `path`, why it could not be written, and what to change."
+    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+    m = re.search(r'os error (\d+)', str(e))  # safetensors' wording of an OS error
+    code = getattr(e, 'errno', None) or (int(m[1]) if m else errno.EIO)
+    return OSError(code, f'cannot write {path} ({why}): free space on its disk or make '
+                   f'{path.parent} writable, or write elsewhere (caches: NS_VIT_CACHE; runs and checkpoints: the out or path passed)')
+
 def atomic_save(obj, path: str | Path, saver=torch.save) -> Path:
-    "Write `obj` to `path` with `saver(obj, tmp_path)` then rename, so readers never see a partial file."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.{_HOST}-{os.getpid()}.', suffix='.tmp')
+    "Write `obj` to `path` with `saver(obj, tmp_path)` then rename, so readers never see a partial file; a full or read-only disk gets an OSError naming `path`."
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.{_HOST}-{os.getpid()}.', suffix='.tmp')
+    except OSError as e: raise _unwritable(path, e) from e
     os.close(fd)
     umask = os.umask(0); os.umask(umask)
     try:
         saver(obj, tmp)
         os.chmod(tmp, 0o666 & ~umask)  # after the saver: mkstemp and some savers (safetensors) make 0600 files
         os.replace(tmp, path)
+    except OSError as e: raise _unwritable(path, e) from e
+    except Exception as e:  # savers wrap a full disk in their own errors: torch.save's "[enforce fail at inline_container.cc:672]
+        # . unexpected pos …", safetensors' "Error while serializing: I/O error: No space left on device (os error 28)"
+        if any(s in str(e) for s in ('inline_container', 'PytorchStreamWriter', '(os error')): raise _unwritable(path, e) from e
+        raise
     finally:
         if os.path.exists(tmp): os.remove(tmp)
     return path
@@ -84,14 +100,42 @@ def claim_run_dir(run_dir: str | Path, spec: dict) -> Path:
     if rank_world()[0] == 0: atomic_save(spec, f, lambda o, p: Path(p).write_text(json.dumps(o, indent=2)))
     return run_dir
 
+LOCK_TIMEOUT_S = 6 * 3600.0  # how long a lock is waited for before giving up; `NS_VIT_LOCK_TIMEOUT` (seconds) overrides
+
+def lock_holder(path: str | Path) -> str:
+    "Who holds the flock on `path`: 'pid N' (from /proc/locks; Linux), and whether it is stopped; else 'another process'."
+    try:
+        st = os.stat(path); dev = f'{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}'
+        pid = next(int(f[4]) for f in map(str.split, open('/proc/locks')) if len(f) > 5 and f[1] == 'FLOCK' and f[5] == dev)
+    except (OSError, StopIteration, ValueError): return 'another process'
+    try: stopped = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0] in 'Tt'
+    except (OSError, IndexError): stopped = False
+    return f'pid {pid}' + (f' (stopped, e.g. by Ctrl-Z: resume it with `kill -CONT {pid}`, or end it)' if stopped else '')
+
 @contextmanager
-def file_lock(folder: str | Path, name: str = '.lock'):
-    "An exclusive lock on `folder` (file `name` in it, created if missing): another process asking for it waits instead of racing."
+def file_lock(folder: str | Path, name: str = '.lock', *,
+              what: str = '',  # what the lock guards, for the messages (default: the folder)
+              timeout: float | None = None,  # seconds to wait before giving up; None: `NS_VIT_LOCK_TIMEOUT` or LOCK_TIMEOUT_S
+              ):
+    "An exclusive lock on `folder` (file `name` in it): another process asking for it says whom it waits for, and gives up after `timeout`."
     try: import fcntl
     except ImportError: yield; return  # no POSIX locks (Windows): nothing is shared between processes there
     Path(folder).mkdir(parents=True, exist_ok=True)
-    with open(Path(folder) / name, 'a') as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    path, what = Path(folder) / name, what or str(folder)
+    timeout = float(os.environ.get('NS_VIT_LOCK_TIMEOUT', LOCK_TIMEOUT_S)) if timeout is None else timeout
+    def take() -> bool:
+        try: fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB); return True
+        except BlockingIOError: return False
+    with open(path, 'a') as fh:
+        if not take():
+            print(f'waiting for {what}: {path} is locked by {lock_holder(path)}; giving up after {timeout:g} s '
+                  '(NS_VIT_LOCK_TIMEOUT)', file=sys.stderr, flush=True)
+            t0 = time.monotonic()
+            while not take():
+                if time.monotonic() - t0 > timeout:
+                    raise TimeoutError(f'gave up waiting for {what} after {timeout:g} s: {path} is still locked by '
+                                       f'{lock_holder(path)}; let it finish, end it, or set NS_VIT_LOCK_TIMEOUT (seconds) higher')
+                time.sleep(0.2)
         try: yield
         finally: fcntl.flock(fh, fcntl.LOCK_UN)
 

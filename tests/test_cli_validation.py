@@ -203,7 +203,11 @@ def test_issue16_imagenet_c_column_by_hand(world, tmp_path):
     from scipy import stats
     from ns_vit.corruptions import ALEXNET_ERR, CORRUPTIONS
     from ns_vit.evaluate import main
-    from ns_vit.models import load_checkpoint
+    from ns_vit.models import create_vit, load_checkpoint, model_card, save_checkpoint
+    kw = {**ARCH_KW, 'num_classes': 1000}  # the ImageNet suite scores ImageNet-1k models (evaluate checks the head)
+    torch.manual_seed(0)
+    m = create_vit(ARCH, **kw)
+    ckpt = save_checkpoint(m, tmp_path / 'tiny_in1k.safetensors', model_card(m, ARCH, kw))
     rng, wnids = np.random.default_rng(1), ('n01440764', 'n01443537')
     for c in CORRUPTIONS:
         for s in range(1, 6):
@@ -212,10 +216,10 @@ def test_issue16_imagenet_c_column_by_hand(world, tmp_path):
                 for f in ('a', 'b'): Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / 'inc' / c / str(s) / w / f'{f}.JPEG')
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # "2 class folders, not 1000"
-        main(['--checkpoint', str(world['ckpt']), '--suite', 'imagenet', '--data', f'imagenet_c={tmp_path / "inc"}',
+        main(['--checkpoint', str(ckpt), '--suite', 'imagenet', '--data', f'imagenet_c={tmp_path / "inc"}',
               '--num-workers', '0', '--out', str(tmp_path / 'inet'), '--device', 'cpu'])
     df = __import__('pandas').read_csv(tmp_path / 'inet.csv').set_index('metric')
-    model = load_checkpoint(world['ckpt'])[0]
+    model = load_checkpoint(ckpt)[0]
     ok = np.zeros((75, 4))  # cells × images, images in ImageFolder order (class folder, then name)
     for i, (c, s) in enumerate((c, s) for c in CORRUPTIONS for s in range(1, 6)):
         x = torch.stack([torch.from_numpy(np.array(Image.open(tmp_path / 'inc' / c / str(s) / w / f'{f}.JPEG'))).permute(2, 0, 1).float() / 255

@@ -8,18 +8,20 @@
 # %%
 #| export
 from __future__ import annotations
-import os, io, tarfile, tempfile
+import os, io, tarfile
 from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 from PIL import Image
-from ns_vit.training import atomic_save  # re-exported here: caches and checkpoints import it from data
+from ns_vit.training import atomic_save  # re-exported here (`_all_`): models imports it from data
 from ns_vit.cache import cached, file_digest, folder_digest, content_digest
+_all_ = ['atomic_save']
 
 # %%
 #| hide
+import tempfile
 from fastcore.test import test_eq, test_fail, test_close
 
 # %% [markdown]
@@ -112,6 +114,10 @@ test_fail(lambda: UInt8Images(torch.zeros(2, 32, 32, 3, dtype=torch.uint8), torc
 # cached (`ns_vit.cache`), so the second load takes well under a second. The entry is keyed on the source's content
 # (the archive's or batch files' sha256, an image folder's file fingerprint) and the decoder's version, and verified
 # on every read: a corrupted decoded cache is reported and decoded again, never served.
+#
+# A partial or damaged copy is refused, naming the file and the fix, instead of giving a number on fewer classes: the
+# archive must have the known sha256, the archive and the batches the known counts (5,000 / 1,000 images per class), and
+# a folder the same, non-zero number of images in every class (a balanced subset is a valid small test set).
 
 # %%
 #| export
@@ -172,6 +178,25 @@ def _download_cifar10(split: str) -> tuple[str, Path]:
 # %%
 #| export
 CIFAR10_DECODER_VERSION = 1  # bump when decoding changes: decoded caches made by another version are stale
+CIFAR10_PER_CLASS = {'train': 5000, 'test': 1000}  # images per class of the full data set
+ARCHIVE_SHA256 = 'cb6c50520509605d4bd1856cb7eaba797dabcec3c19d93ce945b0ec1aee34a5f'  # of ARCHIVE_NAME (60,000 JPEGs)
+_REFETCH = ('restore it from a good copy or point NS_VIT_DATA at the folder that holds one (the archive '
+            f'{ARCHIVE_NAME}, an ImageFolder tree cifar10/{{train,test}}/<class>/, or cifar-10-batches-py)')
+
+def _check_archive(path: Path) -> None:
+    "Refuse a CIFAR-10 archive whose bytes are not those of the known archive (damaged, truncated or repacked)."
+    if file_digest(path) != ARCHIVE_SHA256:
+        raise ValueError(f'{path} is not the CIFAR-10 JPEG archive ns_vit knows: its sha256 {file_digest(path)[:12]}… is not '
+                         f'{ARCHIVE_SHA256[:12]}… (damaged, truncated or repacked); {_REFETCH}')
+
+def _check_counts(labels: Tensor, split: str, kind: str, path: Path) -> None:
+    "Refuse a partial CIFAR-10: an archive or batches need 5,000/1,000 images per class, a folder the same number in every class."
+    counts = torch.bincount(labels, minlength=len(CIFAR10_CLASSES)).tolist()
+    want = CIFAR10_PER_CLASS[split]
+    if (kind != 'folder' and counts != [want] * len(counts)) or min(counts) == 0 or len(set(counts)) > 1:
+        per = ', '.join(f'{c} {k}' for c, k in zip(CIFAR10_CLASSES, counts))
+        raise ValueError(f'CIFAR-10 {split} from {path} is incomplete: images per class {per} (the full set has {want:,} '
+                         f'in each{"" if kind != "folder" else "; a folder needs the same number in every class"}); {_REFETCH}')
 
 def _source_digest(kind: str, path: Path) -> str:
     "Content key of a CIFAR-10 source: the archive's sha256, the batch files' sha256s, or an image folder's fingerprint."
@@ -188,11 +213,13 @@ def cifar10(split: str = 'train', root: str | Path | None = None, download: bool
                                                  'set NS_VIT_DATA to the folder that holds it.')
         found = _download_cifar10(split)
     kind, path = found
+    if kind == 'archive': _check_archive(path)
     source = _source_digest(kind, path)
     decode = {'archive': lambda: _from_archive(path, split), 'folder': lambda: _from_folder(path),
               'batches': lambda: _from_batches(path, split)}[kind]
     d, _ = cached(cache_dir() / f'cifar10-{split}-{kind}-{source}.pt', lambda: dict(zip(('images', 'labels'), decode())),
                   meta=dict(split=split, kind=kind, source=source, decoder_version=CIFAR10_DECODER_VERSION))
+    _check_counts(d['labels'], split, kind, path)
     return UInt8Images(d['images'], d['labels'])
 
 
@@ -235,6 +262,33 @@ with tempfile.TemporaryDirectory() as d:
         test_fail(lambda: cifar10('val'), contains="'train' or 'test'")
     finally: del os.environ['NS_VIT_CACHE']
 
+# %%
+# a partial CIFAR-10, as users have made them: 5 test classes with empty folders, classes of unequal size, and the
+# archive with one bit flipped (a repacked or truncated archive fails the same way)
+import shutil
+with tempfile.TemporaryDirectory() as d:
+    os.environ['NS_VIT_CACHE'] = str(Path(d) / 'cache')
+    try:
+        for i, c in enumerate(CIFAR10_CLASSES):
+            (Path(d) / 'cifar10' / 'test' / c).mkdir(parents=True)
+            for j in range(2 if i < 5 else 0): Image.fromarray(np.full((32, 32, 3), i, np.uint8)).save(Path(d) / 'cifar10' / 'test' / c / f'{j}.png')
+        test_fail(lambda: cifar10('test', root=d), contains=f"CIFAR-10 test from {Path(d) / 'cifar10' / 'test'} is incomplete: images per class airplane 2")
+        test_fail(lambda: cifar10('test', root=d), contains='dog 0')
+        for c in CIFAR10_CLASSES[5:]: Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(Path(d) / 'cifar10' / 'test' / c / '0.png')
+        test_fail(lambda: cifar10('test', root=d), contains='the same number in every class')  # 2 and 1 per class
+        for c in CIFAR10_CLASSES[5:]: Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(Path(d) / 'cifar10' / 'test' / c / '1.png')
+        test_eq(len(cifar10('test', root=d)), 20)  # a balanced subset is fine
+        real = next(p for p in data_dirs() if (p / ARCHIVE_NAME).is_file()) / ARCHIVE_NAME
+        (Path(d) / 'flip').mkdir(); bad = Path(d) / 'flip' / ARCHIVE_NAME
+        shutil.copyfile(real, bad)
+        with open(bad, 'r+b') as f: f.seek(5_000_000); b = f.read(1); f.seek(5_000_000); f.write(bytes([b[0] ^ 1]))
+        test_fail(lambda: cifar10('test', root=Path(d) / 'flip'), contains=f'{bad} is not the CIFAR-10 JPEG archive ns_vit knows')
+        test_fail(lambda: cifar10('test', root=Path(d) / 'flip'), contains='point NS_VIT_DATA at the folder that holds one')
+        bad.write_bytes(real.read_bytes()[:1_000_000])  # a truncated download (once a bare EOFError)
+        test_fail(lambda: cifar10('test', root=Path(d) / 'flip'), contains='(damaged, truncated or repacked)')
+    finally: del os.environ['NS_VIT_CACHE']
+test_eq(file_digest(real), ARCHIVE_SHA256)  # the real archive passes (it was loaded above)
+
 
 # %% [markdown]
 # ## ImageFolder data for ImageNet-scale work
@@ -242,8 +296,11 @@ with tempfile.TemporaryDirectory() as d:
 # model's own resize/crop (from timm's data config) but *without* normalisation: models take [0, 1] pixels.
 # Class folders named by ImageNet wnids (`n01440764`, …) are labelled with their ImageNet-1k index, so a subset of
 # ImageNet (Imagenette, a few classes of a fixture, 10% of the classes) keeps the labels of a 1000-class model and of
-# the shifted sets, which are labelled the same way; other folders get their sorted position (torchvision's
-# ImageFolder), and `labels='position'` forces that for wnid folders too (a model finetuned to only those classes).
+# the shifted sets, which are labelled the same way. Folders named by CIFAR-10 classes get their CIFAR-10 index, so a
+# folder with only `cat/` and `dog/` is labelled 3 and 5, not 0 and 1. A folder that mixes known names with others is
+# refused, naming the others (the model has no such class). Folders with no known names get their sorted position
+# (torchvision's ImageFolder), and `labels='position'` forces that for named folders too (a model finetuned to only
+# those classes).
 
 # %%
 #| export
@@ -270,11 +327,18 @@ class LabelMap:
     def __init__(self, mapping: dict[int, int]): self.mapping = dict(mapping)
     def __call__(self, t: int) -> int: return self.mapping[t]
 
-def folder_class_index(classes: list[str], labels: str = 'auto') -> dict[str, int]:
-    "Model class of each class folder: ImageNet-1k indices when every folder is a wnid ('auto'), else sorted positions."
+def folder_class_index(classes: list[str], labels: str = 'auto', where: str = 'the folder') -> dict[str, int]:
+    "Model class of each class folder: by name where the names are known (CIFAR-10 classes, ImageNet wnids; 'auto'), else sorted positions."
     if labels not in ('auto', 'position'): raise ValueError(f"labels must be 'auto' or 'position', got {labels!r}")
-    index = imagenet_class_index() if labels == 'auto' else {}
-    if classes and index and all(c in index for c in classes): return {c: index[c] for c in classes}
+    if labels == 'position': return {c: i for i, c in enumerate(classes)}
+    for index, what in ((dict(zip(CIFAR10_CLASSES, range(10))), 'CIFAR-10 classes'), (imagenet_class_index(), 'ImageNet-1k wnids')):
+        known = [c for c in classes if c in index]
+        if not known: continue
+        unknown = [c for c in classes if c not in index]
+        if unknown: raise ValueError(f'{where} has class folders {unknown} that are not {what}, beside {len(known)} that are '
+                                     f'({known[0]}, …): a model of those classes has no such class. Remove those folders, or '
+                                     'map every folder to a model class yourself (class_to_idx)')
+        return {c: index[c] for c in classes}
     return {c: i for i, c in enumerate(classes)}
 
 def image_folder(root: str | Path, img_size: int = 224, crop_pct: float = 0.875, class_to_idx: dict | None = None, *,
@@ -286,7 +350,7 @@ def image_folder(root: str | Path, img_size: int = 224, crop_pct: float = 0.875,
                                                   'holds one sub-folder per class.')
     ds = ImageFolder(str(root), transform=pixel_transform(img_size, crop_pct))
     if len(ds) == 0: raise ValueError(f'no images found under {root}')
-    class_to_idx = class_to_idx if class_to_idx is not None else folder_class_index(ds.classes, labels)
+    class_to_idx = class_to_idx if class_to_idx is not None else folder_class_index(ds.classes, labels, f'ImageFolder {root}')
     remap = {ds.class_to_idx[k]: v for k, v in class_to_idx.items() if k in ds.class_to_idx}
     if any(k != v for k, v in remap.items()): ds.target_transform = LabelMap(remap)
     return ds
@@ -309,6 +373,20 @@ with tempfile.TemporaryDirectory() as d:  # a subset of ImageNet (Imagenette's t
     test_eq([y for _, y in image_folder(d, 32)], [0, 217, 482])  # ImageNet-1k labels, as the shifted sets have
     test_eq([y for _, y in image_folder(d, 32, labels='position')], [0, 1, 2])
     import pickle; test_eq(pickle.loads(pickle.dumps(image_folder(d, 32)))[2][1], 482)  # picklable for DataLoader workers
+
+# %%
+# folders named by CIFAR-10 classes keep their CIFAR-10 labels (a cat/ + dog/ folder once scored 1.5% with labels 0 and
+# 1); class folders the model does not have are refused, naming them (two extra folders once gave 55.8% without a word)
+with tempfile.TemporaryDirectory() as d:
+    for c in ('cat', 'dog'):
+        (Path(d) / c).mkdir(); Image.fromarray(np.full((32, 32, 3), 100, np.uint8)).save(Path(d) / c / '0.png')
+    test_eq([y for _, y in image_folder(d, 32)], [3, 5])
+    test_eq([y for _, y in image_folder(d, 32, labels='position')], [0, 1])
+    for c in ('giraffe', 'zebra'):
+        (Path(d) / c).mkdir(); Image.fromarray(np.full((32, 32, 3), 100, np.uint8)).save(Path(d) / c / '0.png')
+    test_fail(lambda: image_folder(d, 32), contains=f"ImageFolder {d} has class folders ['giraffe', 'zebra'] that are not CIFAR-10 classes")
+    test_eq([y for _, y in image_folder(d, 32, class_to_idx={'cat': 3, 'dog': 5, 'giraffe': 0, 'zebra': 1})], [3, 5, 0, 1])
+    test_fail(lambda: folder_class_index(['n01440764', 'n99999999']), contains="['n99999999'] that are not ImageNet-1k wnids")
 
 
 # %% [markdown]

@@ -11,11 +11,11 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
-import torch
 from torch import nn, Tensor
 from ns_vit.models import as_vit
 
 # %%
+import torch
 from fastcore.test import test_eq, test_close, test_fail
 from ns_vit.models import create_vit
 

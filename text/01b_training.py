@@ -11,7 +11,7 @@
 # %%
 #| export
 from __future__ import annotations
-import hashlib, json, math, os, re, socket, tempfile, time
+import errno, hashlib, json, math, os, re, socket, sys, tempfile, time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -36,16 +36,32 @@ from fastcore.test import test_eq, test_close, test_fail
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]  # tags temp files with their writer's host
 _TMP = re.compile(r'^\.(?P<name>.+)\.(?P<host>[0-9a-f]{6})-(?P<pid>\d+)\.[^.]+\.tmp$')
 
+def _unwritable(path: Path, e: Exception) -> OSError:
+    "An OSError that names `path`, why it could not be written, and what to change."
+    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+    m = re.search(r'os error (\d+)', str(e))  # safetensors' wording of an OS error
+    code = getattr(e, 'errno', None) or (int(m[1]) if m else errno.EIO)
+    return OSError(code, f'cannot write {path} ({why}): free space on its disk or make '
+                   f'{path.parent} writable, or write elsewhere (caches: NS_VIT_CACHE; runs and checkpoints: the out or path passed)')
+
 def atomic_save(obj, path: str | Path, saver=torch.save) -> Path:
-    "Write `obj` to `path` with `saver(obj, tmp_path)` then rename, so readers never see a partial file."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.{_HOST}-{os.getpid()}.', suffix='.tmp')
+    "Write `obj` to `path` with `saver(obj, tmp_path)` then rename, so readers never see a partial file; a full or read-only disk gets an OSError naming `path`."
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.{_HOST}-{os.getpid()}.', suffix='.tmp')
+    except OSError as e: raise _unwritable(path, e) from e
     os.close(fd)
     umask = os.umask(0); os.umask(umask)
     try:
         saver(obj, tmp)
         os.chmod(tmp, 0o666 & ~umask)  # after the saver: mkstemp and some savers (safetensors) make 0600 files
         os.replace(tmp, path)
+    except OSError as e: raise _unwritable(path, e) from e
+    except Exception as e:  # savers wrap a full disk in their own errors: torch.save's "[enforce fail at inline_container.cc:672]
+        # . unexpected pos …", safetensors' "Error while serializing: I/O error: No space left on device (os error 28)"
+        if any(s in str(e) for s in ('inline_container', 'PytorchStreamWriter', '(os error')): raise _unwritable(path, e) from e
+        raise
     finally:
         if os.path.exists(tmp): os.remove(tmp)
     return path
@@ -84,6 +100,24 @@ with tempfile.TemporaryDirectory() as d:
     umask = os.umask(0o022); atomic_save(None, Path(d) / 'y.bin', private); os.umask(umask)
     test_eq(oct(os.stat(Path(d) / 'y.bin').st_mode & 0o777), '0o644')  # a 0600 saver still gives 0644 under umask 022
 
+# %%
+# a full disk: torch.save's and safetensors' own errors (recorded on a 64 kB tmpfs) and a plain ENOSPC become an OSError naming the path
+# and what to change; the old file survives and no temp file is left
+with tempfile.TemporaryDirectory() as d:
+    p = atomic_save({'a': torch.ones(2)}, Path(d) / 'x.pt')
+    def torch_full(o, p): Path(p).write_bytes(b'half'); raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534')
+    def os_full(o, p): raise OSError(errno.ENOSPC, 'No space left on device')
+    from safetensors import SafetensorError
+    def st_full(o, p): raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
+    for saver, why in ((torch_full, '[enforce fail at inline_container.cc:672]'), (os_full, 'No space left on device'),
+                       (st_full, 'Error while serializing: I/O error: No space left on device (os error 28)')):
+        test_fail(lambda: atomic_save(1, p, saver), contains=f'cannot write {p} ({why}')
+        test_fail(lambda: atomic_save(1, p, saver), contains='free space on its disk')
+        test_eq(torch.load(p, weights_only=True)['a'], torch.ones(2)); test_eq([f.name for f in Path(d).iterdir()], ['x.pt'])
+    (Path(d) / 'file').write_text('x')  # a path under a file (as under a read-only folder: nothing can be created there)
+    test_fail(lambda: atomic_save(1, Path(d) / 'file' / 'y.pt'), contains=f"cannot write {Path(d) / 'file' / 'y.pt'} (")
+
+
 # %% [markdown]
 # A `kill -9` during a write leaves the temp file behind. `clean_tmp` removes it once its process is gone (or it is
 # a day old), and leaves alone the temp file of a process that is still writing:
@@ -121,6 +155,11 @@ test_eq(seed_of(0, 1), seed_of(0, 1)); assert seed_of(0, 1) != seed_of(1, 0)
 
 # %% [markdown]
 # ## Ranks and run folders
+#
+# Processes that share a run folder or a cache entry take turns through `file_lock`. A process that has to wait says at
+# once what it waits for and which process holds the lock (its pid from `/proc/locks`, and whether it is stopped, as
+# after Ctrl-Z), and gives up after `NS_VIT_LOCK_TIMEOUT` seconds (default 6 hours: a run that another worker is
+# training is worth waiting for) with a `TimeoutError` naming the holder, instead of hanging silently.
 
 # %%
 #| export
@@ -142,14 +181,42 @@ def claim_run_dir(run_dir: str | Path, spec: dict) -> Path:
     if rank_world()[0] == 0: atomic_save(spec, f, lambda o, p: Path(p).write_text(json.dumps(o, indent=2)))
     return run_dir
 
+LOCK_TIMEOUT_S = 6 * 3600.0  # how long a lock is waited for before giving up; `NS_VIT_LOCK_TIMEOUT` (seconds) overrides
+
+def lock_holder(path: str | Path) -> str:
+    "Who holds the flock on `path`: 'pid N' (from /proc/locks; Linux), and whether it is stopped; else 'another process'."
+    try:
+        st = os.stat(path); dev = f'{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}'
+        pid = next(int(f[4]) for f in map(str.split, open('/proc/locks')) if len(f) > 5 and f[1] == 'FLOCK' and f[5] == dev)
+    except (OSError, StopIteration, ValueError): return 'another process'
+    try: stopped = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0] in 'Tt'
+    except (OSError, IndexError): stopped = False
+    return f'pid {pid}' + (f' (stopped, e.g. by Ctrl-Z: resume it with `kill -CONT {pid}`, or end it)' if stopped else '')
+
 @contextmanager
-def file_lock(folder: str | Path, name: str = '.lock'):
-    "An exclusive lock on `folder` (file `name` in it, created if missing): another process asking for it waits instead of racing."
+def file_lock(folder: str | Path, name: str = '.lock', *,
+              what: str = '',  # what the lock guards, for the messages (default: the folder)
+              timeout: float | None = None,  # seconds to wait before giving up; None: `NS_VIT_LOCK_TIMEOUT` or LOCK_TIMEOUT_S
+              ):
+    "An exclusive lock on `folder` (file `name` in it): another process asking for it says whom it waits for, and gives up after `timeout`."
     try: import fcntl
     except ImportError: yield; return  # no POSIX locks (Windows): nothing is shared between processes there
     Path(folder).mkdir(parents=True, exist_ok=True)
-    with open(Path(folder) / name, 'a') as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    path, what = Path(folder) / name, what or str(folder)
+    timeout = float(os.environ.get('NS_VIT_LOCK_TIMEOUT', LOCK_TIMEOUT_S)) if timeout is None else timeout
+    def take() -> bool:
+        try: fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB); return True
+        except BlockingIOError: return False
+    with open(path, 'a') as fh:
+        if not take():
+            print(f'waiting for {what}: {path} is locked by {lock_holder(path)}; giving up after {timeout:g} s '
+                  '(NS_VIT_LOCK_TIMEOUT)', file=sys.stderr, flush=True)
+            t0 = time.monotonic()
+            while not take():
+                if time.monotonic() - t0 > timeout:
+                    raise TimeoutError(f'gave up waiting for {what} after {timeout:g} s: {path} is still locked by '
+                                       f'{lock_holder(path)}; let it finish, end it, or set NS_VIT_LOCK_TIMEOUT (seconds) higher')
+                time.sleep(0.2)
         try: yield
         finally: fcntl.flock(fh, fcntl.LOCK_UN)
 
@@ -170,6 +237,28 @@ with tempfile.TemporaryDirectory() as d:
     with run_lock(Path(d) / 'r'), open(Path(d) / 'r' / '.lock') as other:  # a second holder is refused while the lock is held
         test_fail(lambda: fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB))
     with open(Path(d) / 'r' / '.lock') as other: fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released afterwards
+
+# %%
+# a second process waits for a lock that a suspended run holds (Ctrl-Z): it says for what and for whom at once, and
+# gives up after the stated time naming the holder's pid, instead of hanging silently
+import signal, contextlib, io
+with tempfile.TemporaryDirectory() as d:
+    script = f'import fcntl, time; fh = open({str(Path(d) / ".lock")!r}, "a"); fcntl.flock(fh, fcntl.LOCK_EX); print(1, flush=True); time.sleep(60)'
+    holder = subprocess.Popen([sys.executable, '-c', script], stdout=subprocess.PIPE, text=True)
+    try:
+        holder.stdout.readline()  # it holds the lock now
+        os.kill(holder.pid, signal.SIGSTOP)
+        test_eq(lock_holder(Path(d) / '.lock'), f'pid {holder.pid} (stopped, e.g. by Ctrl-Z: resume it with `kill -CONT {holder.pid}`, or end it)')
+        def second():
+            with file_lock(d, what='the run folder r', timeout=0.5): pass
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            test_fail(second, contains=f'gave up waiting for the run folder r after 0.5 s: {Path(d) / ".lock"} is still locked by pid {holder.pid} (stopped')
+        assert err.getvalue().startswith(f'waiting for the run folder r: {Path(d) / ".lock"} is locked by pid {holder.pid}'), err.getvalue()
+        assert 'giving up after 0.5 s' in err.getvalue()
+    finally: holder.kill(); holder.wait()
+    with file_lock(d, timeout=0.5): pass  # released when its holder ends
+    test_eq(lock_holder(Path(d) / '.lock'), 'another process')  # nobody holds it
 
 
 # %% [markdown]

@@ -9,6 +9,7 @@
 #| export
 from __future__ import annotations
 import hashlib, io, json, os, warnings
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
 import numpy as np
@@ -45,7 +46,7 @@ import tempfile
 # %%
 #| export
 class CacheWarning(UserWarning):
-    "A cache entry was unusable (corrupt, truncated or stale) and is being regenerated."
+    "A cache entry was unusable (corrupt, truncated or stale: it is regenerated) or could not be written (the value is returned uncached)."
 
 def _feed(h, x) -> None:
     "Feed `x` into hash `h` with a type tag, so different values never give the same byte stream."
@@ -171,16 +172,16 @@ def _problem(raw: bytes, meta: dict | None) -> tuple[str | None, bytes]:
         return f'is stale (made with other {diff})', b''
     return None, payload
 
-def load_entry(path: str | Path, *, meta: dict | None = None):
-    "The object in cache entry `path`; None if missing, or (with a `CacheWarning` naming it) corrupt, truncated or stale."
+def load_entry(path: str | Path, *, meta: dict | None = None, quiet: bool = False):
+    "The object in cache entry `path`; None if missing, or (with a `CacheWarning` naming it unless `quiet`) corrupt, truncated or stale."
     path = Path(path)
     try: raw = path.read_bytes()
-    except FileNotFoundError: return None
+    except (FileNotFoundError, NotADirectoryError): return None
     why, payload = _problem(raw, meta)
     if why is None:
         try: return torch.load(io.BytesIO(payload), weights_only=True)
         except Exception as e: why = f'cannot be loaded ({type(e).__name__})'
-    warnings.warn(f'cache entry {path} {why}: regenerating it', CacheWarning, stacklevel=2)
+    if not quiet: warnings.warn(f'cache entry {path} {why}: regenerating it', CacheWarning, stacklevel=2)
     return None
 
 
@@ -208,18 +209,36 @@ with tempfile.TemporaryDirectory() as d:
 # ## Get or compute
 # `cached(path, compute, meta=...)` is what callers use: under the entry's lock it cleans orphaned temp files in the
 # folder, serves a good entry, or computes, saves and returns a fresh one. It returns `(value, served_from_cache)`.
+#
+# Faults keep work. A good entry is served before any lock is taken (entries are replaced by rename, so a reader
+# never sees half of one): a read-only cache can be read. A value that cannot be stored (read-only or full disk, a
+# cache folder that is a file) is returned all the same, with a `CacheWarning` naming the path and what to change.
 
 # %%
 #| export
+def _unstored(path: Path, e: OSError) -> None:
+    "Warn that the entry `path` could not be written: its value is returned but not kept."
+    why = e.strerror or str(e)  # atomic_save's message already names the path and the fix
+    if not why.startswith('cannot write'):
+        why = f'cannot write {path} ({why}): free space or make its folder writable, or set NS_VIT_CACHE to another folder'
+    warnings.warn(f'{why}; the result is returned but not cached', CacheWarning, stacklevel=3)
+
 def cached(path: str | Path, compute: Callable[[], object], *, meta: dict | None = None) -> tuple[object, bool]:
     "(value, True) from the verified cache entry `path`, else (compute(), False) after saving it; one writer at a time."
     path = Path(path)
-    with file_lock(path.parent, f'.{path.name}.lock'):
+    value = load_entry(path, meta=meta, quiet=True)  # no lock to read: entries are replaced atomically
+    if value is not None: return value, True
+    with ExitStack() as stack:
+        try: stack.enter_context(file_lock(path.parent, f'.{path.name}.lock', what=f'the cache entry {path} (being computed)'))
+        except TimeoutError: raise
+        except OSError as e:  # the folder cannot hold a lock file (read-only, full, not a folder): compute alone
+            value = compute(); _unstored(path, e); return value, False
         clean_tmp(path.parent)
         value = load_entry(path, meta=meta)
         if value is not None: return value, True
         value = compute()
-        save_entry(value, path, meta=meta)
+        try: save_entry(value, path, meta=meta)
+        except OSError as e: _unstored(path, e)
         return value, False
 
 def verify_file(path: str | Path, sha256: str | None) -> str | None:
@@ -243,3 +262,36 @@ with tempfile.TemporaryDirectory() as d:
     test_eq((hit, len(calls), float(value['value'])), (False, 2, 0.5)); assert 'corrupt' in str(w[0].message)
     test_eq(cached(p, compute, meta={'v': 1})[1], True)  # repaired on disk
     test_eq(verify_file(p, file_digest(p)), None); assert 'sha256' in verify_file(p, '0' * 64)
+
+# %%
+# a read-only cache is read: serving an entry creates no lock file and writes nothing in its folder
+with tempfile.TemporaryDirectory() as d:
+    p = Path(d) / 'k.pt'
+    cached(p, compute, meta={'v': 1})
+    for f in Path(d).glob('.*.lock'): f.unlink()
+    before = sorted(Path(d).iterdir())
+    if os.geteuid() != 0: os.chmod(d, 0o555)  # as root, a read-only mode stops nothing: the listing below is the test
+    try: test_eq(cached(p, lambda: 1 / 0, meta={'v': 1})[1], True)
+    finally: os.chmod(d, 0o755)
+    test_eq(sorted(Path(d).iterdir()), before)
+
+# a metric whose entry cannot be written is still returned, with a warning naming the path and the fix:
+# a cache "folder" that is a file (no lock file possible), and a disk that fills up during the write
+import errno
+with tempfile.TemporaryDirectory() as d:
+    (Path(d) / 'file').write_text('not a folder')
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always'); value, hit = cached(Path(d) / 'file' / 'k.pt', compute, meta={'v': 1})
+    test_eq((float(value['value']), hit), (0.5, False))
+    assert str(w[0].message).startswith(f"cannot write {Path(d) / 'file' / 'k.pt'} (") and 'NS_VIT_CACHE' in str(w[0].message), w[0].message
+    assert str(w[0].message).endswith('the result is returned but not cached')
+    def full(*a, **k): raise OSError(errno.ENOSPC, 'No space left on device')
+    keep, save_entry = save_entry, full  # the disk fills up
+    try:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter('always'); value, hit = cached(Path(d) / 'k.pt', compute, meta={'v': 1})
+    finally: save_entry = keep
+    test_eq((float(value['value']), hit), (0.5, False))
+    assert str(w[0].message).startswith(f"cannot write {Path(d) / 'k.pt'} (No space left on device): free space"), w[0].message
+    assert not (Path(d) / 'k.pt').exists()
+

@@ -20,6 +20,7 @@ from torchattacks.attack import Attack
 from tqdm.auto import tqdm
 from ns_vit.models import as_vit, model_device
 from ns_vit.attention import record_attention, token_layout
+from ns_vit.checks import check_images, check_model
 
 # %%
 import time
@@ -905,6 +906,7 @@ def _summary(model: nn.Module, s: dict, clean: Tensor, correct: Tensor, linf: Te
 def run_attack(model: nn.Module, images: Tensor, labels: Tensor, attack: str, *, batch_size: int = 250, seed: int = 0,
                quiet: bool = True, **budget) -> dict:
     "Attack `images` (N, C, H, W) in [0, 1] with `attack` and `budget`: per-image outcome, accuracy, label, settings."
+    check_model(model); check_images(images)
     s = attack_settings(model, attack, **budget) | {'seed': seed}
     was_training, dev = model.training, model_device(model)
     out = {k: [] for k in ('clean', 'correct', 'linf', 'l2')}
@@ -950,6 +952,8 @@ test_eq(run_attack(m, xt, yt, 'cw', cw_c=2.0, steps=50)['label'], 'CW-L2 (c=2, Î
 test_eq(attack_settings(m, 'pgd', eps=8 / 255)['alpha'], 2 / 255)
 test_fail(lambda: run_attack(m, xt, yt, 'fgsm', steps=3), contains='fgsm takes no')
 test_fail(lambda: run_attack(m, xt, yt, 'pgd', cw_c=1.), contains='pgd takes no')
+test_fail(lambda: run_attack(m, (xt * 255).round().to(torch.uint8), yt, 'fgsm'), contains='divide by 255')  # 0â€“255 images
+test_fail(lambda: run_attack(m.vit, xt, yt, 'fgsm'), contains='Wrap it as PixelViT(vit, mean, std)')  # a bare timm ViT
 
 # %% [markdown]
 # CW-L2 read at a radius (`l2_radius`): an image counts as robust when the model gets it right and the closest

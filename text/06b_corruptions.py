@@ -8,7 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
-import hashlib, io, json, math, os, time, warnings, zlib
+import hashlib, io, json, math, time, warnings, zlib
 from functools import lru_cache
 from pathlib import Path
 import numpy as np
@@ -21,9 +21,9 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter, map_coordinates, zoom as scizoom
 import skimage.color, skimage.util
 import ns_vit
-from ns_vit.data import cache_dir, atomic_save, cifar10, folder_class_index, imagenet_class_index, LabelMap
-from ns_vit.training import file_lock, clean_tmp
-from ns_vit.cache import content_digest, file_digest, folder_digest, verify_file
+from ns_vit.data import cache_dir, cifar10, folder_class_index, imagenet_class_index, LabelMap
+from ns_vit.training import atomic_save, file_lock, clean_tmp
+from ns_vit.cache import content_digest, file_digest, verify_file
 from ns_vit.models import predict
 from ns_vit.stats import wilson_ci, mean_ci
 
@@ -772,11 +772,11 @@ def imagenet_c(root: str | Path, corruption: str, severity: int, img_size: int =
     d = Path(root).expanduser() / corruption / str(severity)
     if not d.is_dir(): raise FileNotFoundError(f'{d} not found: `root` must hold <corruption>/<1..5>/<wnid>/ folders (ImageNet-C)')
     ds = ImageFolder(str(d), transform=T.ToTensor())  # already 224 × 224: no resize, no crop (RobustBench#59)
-    index = folder_class_index(ds.classes)  # wnid folders: ImageNet-1k indices, as the clean and shifted sets
+    index = folder_class_index(ds.classes, where=f'ImageNet-C folder {d}')  # wnid folders: ImageNet-1k indices, as the clean and shifted sets
     if any(index[c] != i for i, c in enumerate(ds.classes)):
         ds.target_transform = LabelMap({i: index[c] for i, c in enumerate(ds.classes)})
     if len(ds.classes) != 1000 and not all(c in imagenet_class_index() for c in ds.classes):
-        warnings.warn(f'{d} has {len(ds.classes)} class folders that are not all ImageNet wnids: labels are their sorted positions')
+        warnings.warn(f'{d} has {len(ds.classes)} class folders that are not ImageNet wnids: labels are their sorted positions')
     first = ds[0][0]
     if first.shape[-2:] != (img_size, img_size):
         raise ValueError(f'{ds.samples[0][0]} is {tuple(first.shape[-2:])}, expected {img_size}×{img_size} (ImageNet-C is 224 px)')
@@ -810,10 +810,8 @@ with warnings.catch_warnings():
     ds = imagenet_c(inc, 'fog', 3)
 test_eq(len(ds), 2); test_eq([ds[i][1] for i in range(2)], [0, 482]); test_eq(ds[0][0].shape, (3, 224, 224))
 (inc / 'fog' / '3' / 'other').mkdir(); Image.fromarray(np.full((224, 224, 3), 9, np.uint8)).save(inc / 'fog' / '3' / 'other' / 'a.JPEG')
-with warnings.catch_warnings(record=True) as w:
-    warnings.simplefilter('always')
-    test_eq([y for _, y in imagenet_c(inc, 'fog', 3)], [0, 1, 2])  # a folder that is not a wnid: sorted positions, warned
-assert 'not all ImageNet wnids' in str(w[0].message)
+# a folder that is not a wnid beside wnid folders: refused, naming it (sorted positions would mislabel every class)
+test_fail(lambda: imagenet_c(inc, 'fog', 3), contains=f"ImageNet-C folder {inc / 'fog' / '3'} has class folders ['other'] that are not ImageNet-1k wnids")
 __import__('shutil').rmtree(inc / 'fog' / '3' / 'other')
 test_close(ds[0][0].mean().item(), 100 / 255, eps=2 / 255)  # ToTensor only: no normalisation, resize or crop
 test_fail(lambda: imagenet_c(inc, 'fog', 2), contains='not found')

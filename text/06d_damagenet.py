@@ -13,7 +13,7 @@
 # %%
 #| export
 from __future__ import annotations
-import inspect, json, time, warnings
+import hashlib, inspect, json, time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -25,7 +25,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 import ns_vit
-from ns_vit.data import UInt8Images, cifar10, cache_dir, atomic_save, repo_root
+from ns_vit.data import UInt8Images, cifar10, cache_dir, repo_root
+from ns_vit.training import atomic_save
 from ns_vit.models import CIFAR10_MEAN, CIFAR10_STD, accuracy, model_device, read_state_dict, weights_digest
 from ns_vit.pretrain import TrainConfig, train_classifier
 from ns_vit.noise import frozen
@@ -33,7 +34,7 @@ from ns_vit.cache import cached, content_digest
 
 # %%
 from fastcore.test import test_eq, test_close, test_fail
-import io, tempfile, os
+import io, tempfile, os, warnings
 from ns_vit.cache import save_entry
 
 
@@ -213,6 +214,17 @@ with tempfile.TemporaryDirectory() as d:
     test_fail(lambda: load_surrogate(p), contains='do not match the digest')
     p.write_bytes(bytes(raw[:100]))  # truncated
     test_fail(lambda: load_surrogate(p), contains='corrupt')
+
+# %%
+# the command that "surrogate weights not found" tells users to run passes no state path: its resume file goes to the
+# cache folder under a name hashed from the recipe (this once failed with NameError: hashlib was not imported)
+before = set(cache_dir().glob('surrogate-train-*.pt'))
+with tempfile.TemporaryDirectory() as d:
+    p = Path(d) / 'surrogate_cnn.safetensors'
+    m3 = train_surrogate(epochs=1, n_train=256, n_test=32, path=p, quiet=True)
+    test_eq(m3.card['test_n'], 32)
+    test_eq(load_surrogate(p).card['weights_sha256'], m3.card['weights_sha256'])
+test_eq(set(cache_dir().glob('surrogate-train-*.pt')), before)  # the resume file is removed once training ends
 
 # %% [markdown]
 # ## Attention maps: the proxy that replaces SGLRP

@@ -18,14 +18,15 @@ import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
-from ns_vit.models import as_vit, check_vit, PixelViT
-from ns_vit.nullspace import (patch_size, patch_embed_matrix, patch_embed_nullspace, project_to_nullspace, null_dims,
+from ns_vit.models import as_vit
+from ns_vit.nullspace import (patch_size, patch_embed_matrix, project_to_nullspace, null_dims,
                               _numerical_rank, _check_img_size, _f64)
 
 # %%
 #| hide
 from fastcore.test import test_eq, test_fail, test_close
 from ns_vit.models import create_vit, default_vit
+from ns_vit.nullspace import patch_embed_nullspace
 torch.manual_seed(0)
 
 

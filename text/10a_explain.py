@@ -9,8 +9,8 @@
 #| export
 from __future__ import annotations
 import io
-from contextlib import contextmanager, redirect_stderr
-from typing import Callable, Iterator
+from contextlib import redirect_stderr
+from typing import Callable
 import numpy as np
 import torch
 from torch import nn, Tensor

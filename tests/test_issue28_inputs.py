@@ -1,0 +1,44 @@
+"""Issue 28, the cases of branch issue-28, as a user hits them: a clear error naming the fix, the right number, or a
+message and a time limit instead of a hang.
+
+Cases and where each is tested:
+- `evaluate(load_default_model().vit, 'clean', n=500)`: a bare timm ViT scored 28.4% instead of 72.2% -> TypeError
+  naming `PixelViT(vit, mean, std)` and `create_vit` (here; the checks themselves: nbs/01d_checks.ipynb).
+- a 100-class checkpoint scored on CIFAR-10 without a word -> ValueError naming both class counts (here).
+- uint8 / 0-255 / already-normalised / channels-last / empty / NaN images -> `check_images` errors naming the fix
+  (nbs/01d_checks.ipynb; the calls at the entry of `eps_noise`, `noise_influence`, `accuracy` are the owner's to add).
+- ImageFolder labels were sorted folder positions: cat/ + dog/ scored 1.5%, two extra class folders 55.8% -> labels by
+  CIFAR-10 name / ImageNet wnid, unknown class folders refused by name (nbs/00_data.ipynb).
+- a partial CIFAR-10 (5 empty test-class folders, an archive repacked from them) and a 1-bit flip in the archive ->
+  errors naming the file and the fix (nbs/00_data.ipynb).
+- a second evaluation waited forever, silently, behind a suspended one holding a cache lock -> it says what it waits for
+  and for which pid (stopped, resume with kill -CONT), and gives up after NS_VIT_LOCK_TIMEOUT (nbs/01b_training.ipynb).
+- a read-only cache could not even be read (the lock file came first) -> entries are read without a lock; a value whose
+  entry cannot be written (read-only, full disk) is returned with a warning naming the path (nbs/01c_cache.ipynb).
+- `damagenet.train_surrogate` failed with NameError (hashlib) when called without a state path, as the "surrogate
+  weights not found" error tells users to -> runs (nbs/06d_damagenet.ipynb); pyflakes runs in .ci/run (`make lint`).
+"""
+import pytest
+import torch
+
+ARCH = 'vit_tiny_patch16_224'
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+
+
+def test_evaluate_refuses_bare_vit():
+    "The embedded default's bare ViT is refused before any image is loaded, naming the wrapper."
+    from ns_vit.evaluate import evaluate
+    from ns_vit.models import load_default_model
+    with pytest.raises(TypeError, match=r'Wrap it as PixelViT\(vit, mean, std\)'):
+        evaluate(load_default_model().vit, 'clean', n=500, quiet=True)
+
+
+def test_evaluate_refuses_other_class_count():
+    "A 100-class model is refused on the CIFAR-10 suite, and a 10-class one on the ImageNet suite."
+    from ns_vit.evaluate import evaluate
+    from ns_vit.models import create_vit
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match='the model predicts 100 classes but CIFAR-10 has 10'):
+        evaluate(create_vit(ARCH, num_classes=100, **TINY), 'clean', n=5, quiet=True)
+    with pytest.raises(ValueError, match='the model predicts 10 classes but ImageNet has 1000'):
+        evaluate(create_vit(ARCH, num_classes=10, **TINY), 'imagenet', quiet=True)
