@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_evaluate.ipynb #2ca85c14
 from __future__ import annotations
-import argparse, json, math, time
+import argparse, json, time
 import ns_vit.attacks
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +15,12 @@ from torch import nn, Tensor
 from tqdm.auto import tqdm
 from .data import cifar10, cache_dir, image_folder
 from .cache import cached, content_digest, file_digest, folder_digest
-from .models import predict, model_device, get_model, as_vit, weights_digest
+from .models import predict, get_model, as_vit, weights_digest
+from .checks import check_model
 from .training import atomic_save
 from .stats import accuracy_ci, mcnemar, mean_ci, fmt_ci
-from .attacks import make_attack, adversarial_accuracy, run_attack, ATTACK_PRESETS
-from .corruptions import CORRUPTIONS, ALEXNET_ERR, cifar10_c, load_cifar10c, corruption_accuracy, mce, imagenet_c_accuracy
+from .attacks import run_attack, ATTACK_PRESETS
+from .corruptions import cifar10_c, load_cifar10c, corruption_accuracy, mce, imagenet_c_accuracy
 from .shifts import SHIFTS, shift_accuracy
 from .damagenet import damagenet_cifar10
 
@@ -196,7 +197,6 @@ def check_request(suite: str | list[str], n: int | dict | None = None, data: dic
 def evaluate(model: nn.Module, suite: str | list[str] = 'cifar10', n: int | dict | None = None, data: dict | None = None,
              seed: int = 0, batch_size: int = 500, cache: bool = True, quiet: bool = False) -> pd.DataFrame:
     "Score `model` on a robustness suite: one row per metric with value, n, 95% CI and settings."
-    from ns_vit.checks import check_model  # (to move to the import cell)
     known = (1000, 'ImageNet') if suite == 'imagenet' else (None, 'a val folder') if data and 'val' in data else (10, 'CIFAR-10')
     check_model(model, *known)  # a PixelViT with the classes of the data (those of a `val` folder are not known here)
     metrics, data = suite_metrics(suite), check_request(suite, n, data)

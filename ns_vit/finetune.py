@@ -5,7 +5,7 @@
 # %% ../nbs/05_finetune.ipynb #524328d5
 from __future__ import annotations
 import hashlib, json, math, time, warnings
-from dataclasses import dataclass, asdict, replace
+from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Callable, Iterator
 import torch

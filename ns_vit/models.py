@@ -10,10 +10,11 @@ from pathlib import Path
 import torch
 from torch import nn, Tensor
 import timm
-from timm.models.vision_transformer import VisionTransformer
 from safetensors import SafetensorError
 from safetensors.torch import save_file, load_file, safe_open
-from .data import atomic_save, repo_root
+from .data import repo_root
+from .training import atomic_save
+from .checks import check_images
 
 # %% auto #0
 __all__ = ['DEFAULT_ARCH', 'DEFAULT_ARCH_KWARGS', 'CIFAR10_MEAN', 'CIFAR10_STD', 'DEFAULT_CHECKPOINT', 'EMBEDDED_MODELS',
@@ -232,6 +233,7 @@ def predict(model: nn.Module, images: Tensor, batch_size: int = 500) -> Tensor:
 
 def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 500) -> float:
     "Top-1 accuracy of `model` on (images, labels)."
+    check_images(images)
     return (predict(model, images, batch_size).argmax(1) == labels.cpu()).float().mean().item()
 
 # %% ../nbs/01_models.ipynb #58b90f05

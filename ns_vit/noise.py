@@ -9,10 +9,10 @@ from contextlib import contextmanager
 from typing import Iterable, Iterator
 import torch
 from torch import nn, Tensor
-import torch.nn.functional as F
 import torch.distributed as dist
 from tqdm.auto import tqdm
 from .models import as_vit, model_device
+from .checks import check_images, check_model
 
 # %% auto #0
 __all__ = ['embed_shape', 'embedding_noise', 'embed_forward', 'prob_change', 'noise_influence', 'frozen', 'init_noise',
@@ -48,6 +48,7 @@ def prob_change(p_clean: Tensor, p_noisy: Tensor) -> dict[str, Tensor]:
 @torch.no_grad()
 def noise_influence(model: nn.Module, images: Tensor, delta: Tensor | None, batch_size: int = 500) -> dict[str, float]:
     "Mean `match`, `mse_prob`, `mse_conf` of `delta` over `images`, plus the noise norm."
+    check_model(model); check_images(images)
     model.eval(); dev = model_device(model)
     parts = []
     for i in range(0, len(images), batch_size):
@@ -167,6 +168,8 @@ def eps_noise(model: nn.Module, batches: Tensor | Iterable[Tensor], *,
               distributed: bool = False,  # stream only: all-reduce the stop statistic and δ's gradient over ranks
               ) -> tuple[Tensor, dict]:
     "Noise (1, N, D) on the boundary of the ε-approximate nullspace of `model`, from a fixed batch or a stream; and its info."
+    check_model(model)
+    if isinstance(batches, Tensor): check_images(batches, 'batches')
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
         raise ValueError(f'eps must be > 0 and a finite number (the bound on the MSE of probabilities), got {eps!r}')
     if chunks < 1: raise ValueError(f'chunks must be >= 1, got {chunks}')
@@ -220,7 +223,7 @@ def _stream_descent(model, batches: Iterable[Tensor], delta: Tensor, opt, sched,
     dev, world = model_device(model), dist.get_world_size() if distributed and dist.is_initialized() else 1
     stream, window, seen, refused = _batches(batches), [], 0, 0
     for step in tqdm(range(max_steps + 1), desc=f'ε={eps:g} noise (stream)', disable=quiet, leave=False):
-        x = next(stream).to(dev)
+        x = check_images(next(stream), 'stream batch').to(dev)
         n_global = int(_reduce_sum(len(x), distributed=distributed)[0])
         mse, loss = _stream_step(model, x, delta, n_global, lam, world)
         total = _reduce_sum(mse.sum(), distributed=distributed)[0]

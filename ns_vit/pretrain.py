@@ -4,11 +4,10 @@
 
 # %% ../nbs/02_pretrain.ipynb #9e16bb06
 from __future__ import annotations
-import math, time, warnings
+import time, warnings
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import torch
-from torch import nn, Tensor
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from .data import UInt8Images, augment

@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn, Tensor
 import timm
-from timm.models.vision_transformer import VisionTransformer
 from safetensors import SafetensorError
 from safetensors.torch import save_file, load_file, safe_open
-from ns_vit.data import atomic_save, repo_root
+from ns_vit.data import repo_root
+from ns_vit.training import atomic_save
+from ns_vit.checks import check_images
 
 # %%
 #| hide
@@ -77,6 +78,7 @@ def as_vit(model: nn.Module) -> nn.Module:
 
 
 # %%
+from timm.models.vision_transformer import VisionTransformer
 _vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, num_classes=10)
 _m = PixelViT(_vit, (0.1, 0.2, 0.3), (0.5, 0.5, 0.5)).eval()
 _x = torch.rand(2, 3, 32, 32)
@@ -352,6 +354,7 @@ def predict(model: nn.Module, images: Tensor, batch_size: int = 500) -> Tensor:
 
 def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 500) -> float:
     "Top-1 accuracy of `model` on (images, labels)."
+    check_images(images)
     return (predict(model, images, batch_size).argmax(1) == labels.cpu()).float().mean().item()
 
 

@@ -8,11 +8,10 @@
 # %%
 #| export
 from __future__ import annotations
-import math, time, warnings
+import time, warnings
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import torch
-from torch import nn, Tensor
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from ns_vit.data import UInt8Images, augment

@@ -14,7 +14,7 @@
 #| export
 from __future__ import annotations
 import hashlib, json, math, time, warnings
-from dataclasses import dataclass, asdict, replace
+from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Callable, Iterator
 import torch
@@ -617,6 +617,7 @@ if smoke:
         out = out or str(Path(runs_root) / f'{method}-eps{eps}')
 torch.set_num_threads(threads)
 cfg = noise_variant(noise, method=method, eps=eps, seed=seed, **overrides)  # every value checked here, before any work
+from dataclasses import replace
 ctl = replace(cfg, method=control).validate() if control and control != method else None
 params = dict(asdict(cfg), noise=noise, control=control, overrides=overrides, model=model, checkpoint=checkpoint, dataset=dataset,
               train_fraction=train_fraction, eval_size=eval_size, eval_every=eval_every, heldout_size=heldout_size,

@@ -15,11 +15,10 @@
 # %%
 #| export
 from __future__ import annotations
-import argparse, copy, json, math, os, sys, time, warnings
+import argparse, copy, json, math, os, sys, time
 from dataclasses import asdict, replace
 from pathlib import Path
 import torch
-from torch import nn
 import torch.distributed as dist
 from tqdm.auto import tqdm
 from fastcore.basics import IN_NOTEBOOK

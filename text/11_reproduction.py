@@ -365,14 +365,16 @@ during = pd.DataFrame([dict(cell=cell, arm=arm, seed=s, **heldout_summary(runs[(
                        for cell, c in cells.items() for arm in c['arms'] if arm != 'none' for s in c['seeds']])
 probe = noise_variant('stream', **base_kw, augment=not imagenet)  # the default streamed loop, the same start for every model
 
-from ns_vit.noise import noise_influence
+from ns_vit.noise import embed_forward
 probe_eps = probe.eps
 
-def norm_at_influence(m: torch.nn.Module, x: torch.Tensor, d: torch.Tensor, target: float, iters: int = 16) -> float:
+@torch.no_grad()
+def norm_at_influence(m: torch.nn.Module, x: torch.Tensor, d: torch.Tensor, target: float, iters: int = 12) -> float:
     "The norm of α·d (α > 0) whose mean mse_prob on `x` is `target`: bisection on α, bracketed by doubling."
-    f = lambda a: noise_influence(m, x, a * d)['mse_prob']
+    x = x.to(d.device); p_clean = m(x).softmax(1)  # (B, K), computed once
+    f = lambda a: (embed_forward(m, x, a * d).softmax(1) - p_clean).pow(2).sum(1).mean().item()
     lo, hi = 0.0, 1.0
-    while f(hi) < target and hi < 2 ** 10: lo, hi = hi, 2 * hi
+    while f(hi) < target and hi < 2 ** 6: lo, hi = hi, 2 * hi
     for _ in range(iters): lo, hi = ((lo + hi) / 2, hi) if f((lo + hi) / 2) < target else (lo, (lo + hi) / 2)
     return float((lo + hi) / 2 * d.norm())
 
