@@ -334,7 +334,8 @@ def averages(
             vals[name, key] = float(np.mean([_average_value(df.loc[m], m) for m in ms])) if ms else float('nan')
     if any(len(s) > 1 for s in used.values()): raise ValueError(f'the models were scored on different metrics {used}: score them on the same suite')
     (ours,), (theirs,) = used['ours'], used['paper']
-    c_ours, c_paper = f'average (robustness, {len(ours)} columns)', f"Average (paper's, {len(theirs)} columns{' incl. clean' if 'clean' in theirs else ''})"
+    cols = lambda k: f"{k} column{'s' if k != 1 else ''}"  # '1 column', '7 columns'
+    c_ours, c_paper = f'average (robustness, {cols(len(ours))})', f"Average (paper's, {cols(len(theirs))}{' incl. clean' if 'clean' in theirs else ''})"
     out = pd.DataFrame({'model': list(results), c_ours: [vals[k, 'ours'] for k in results], c_paper: [vals[k, 'paper'] for k in results]})
     out.attrs['note'] = (f"{c_ours}: our average, the mean accuracy over {', '.join(ours) or 'no column'} (clean and the small-budget "
                          f"FGSM/PGD and PGD columns left out). {c_paper}: the paper's definition, the mean over {', '.join(theirs) or 'no column'} "
