@@ -12,8 +12,9 @@ from torch import Tensor
 from scipy import stats as st
 
 # %% auto #0
-__all__ = ['wilson_ci', 'accuracy_ci', 'mcnemar', 'mean_ci', 'bootstrap_ci', 'fmt_ci', 'seeds_images_diff', 'synthetic_arms',
-           'simulate_coverage', 'two_way_bootstrap', 'holm', 'with_holm', 'paired_table', 'significance_sentence',
+__all__ = ['PAPER_AVERAGE', 'wilson_ci', 'accuracy_ci', 'clopper_pearson', 'mcnemar_counts', 'mcnemar', 'mean_ci', 'bootstrap_ci',
+           'fmt_ci', 'seeds_images_diff', 'synthetic_arms', 'simulate_coverage', 'two_way_bootstrap', 'study_regime',
+           'holm', 'with_holm', 'paired_shares', 'averages', 'with_averages', 'paired_table', 'significance_sentence',
            'forest_plot']
 
 # %% ../nbs/00b_stats.ipynb #9d5c4d1d
@@ -36,17 +37,45 @@ def accuracy_ci(correct, level: float = 0.95) -> dict:
     lo, hi = wilson_ci(int(c.sum()), len(c), level)
     return dict(value=float(c.mean()), n=len(c), ci_low=lo, ci_high=hi)
 
+# %% ../nbs/00b_stats.ipynb #1083a9bd
+def _no_variation(diff: float, n: int, level: float) -> tuple[float, float, float]:
+    "Interval and p of a difference that did not vary over n images: diff ± the exact bound 1 − (α/2)^(1/n), p = 1 when it holds 0."
+    w = 1 - ((1 - level) / 2) ** (1 / n)  # Clopper–Pearson upper bound on a rate of which 0 of n were seen
+    lo, hi = max(-1.0, diff - w), min(1.0, diff + w)
+    return lo, hi, float(lo <= 0 <= hi)
+
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    "Clopper–Pearson (exact, central) interval for a proportion k/n; (0, 1) when n = 0."
+    if n < 0 or not 0 <= k <= max(n, 0): raise ValueError(f'need 0 ≤ k ≤ n, got k={k}, n={n}')
+    if n == 0: return 0.0, 1.0
+    a = 1 - level
+    lo = 0.0 if k == 0 else float(st.beta.ppf(a / 2, k, n - k + 1))
+    hi = 1.0 if k == n else float(st.beta.ppf(1 - a / 2, k + 1, n - k))
+    return lo, hi
+
+def mcnemar_counts(
+    only_a: int,  # images right under model a only (b)
+    only_b: int,  # images right under model b only (c)
+    n: int,  # images in all
+    level: float = 0.95,  # confidence level; the test's threshold is 1 − level
+) -> dict:
+    "(only_a − only_b)/n with McNemar's exact p and an exact interval that excludes 0 exactly when p < 1 − level."
+    m = only_a + only_b
+    if n <= 0: raise ValueError(f'n must be positive, got {n}: pass the number of images both models were scored on')
+    if min(only_a, only_b) < 0 or m > n: raise ValueError(f'need 0 ≤ only_a + only_b ≤ n, got {only_a} + {only_b} and n={n}')
+    p = min(1.0, 2 * float(st.binom.cdf(min(only_a, only_b), m, 0.5))) if m else 1.0  # symmetric: 2 × the smaller tail
+    (tl, tu), (sl, su) = clopper_pearson(only_a, m, level), clopper_pearson(m, n, level)  # θ = share favouring a; ψ = m / n
+    lo = (2 * tl - 1) * (su if tl < 0.5 else sl)  # the rectangle's extremes: the sign from θ, the size from ψ
+    hi = (2 * tu - 1) * (su if tu > 0.5 else sl)
+    return dict(diff=(only_a - only_b) / n, ci_low=lo, ci_high=hi, p_value=p, only_a=only_a, only_b=only_b, n=n, level=level)
+
 # %% ../nbs/00b_stats.ipynb #ddbea22d
-def mcnemar(correct_a, correct_b) -> dict:
-    "Exact McNemar test of two models on the same images: difference in accuracy (a − b), its interval, p-value."
+def mcnemar(correct_a, correct_b, level: float = 0.95) -> dict:
+    "Exact McNemar test of two models on the same images: difference in accuracy (a − b), its exact interval, p-value."
     a, b = _as_bool(correct_a), _as_bool(correct_b)
     if len(a) != len(b): raise ValueError(f'paired test needs the same images: {len(a)} vs {len(b)} results')
-    n01, n10, n = int((~a & b).sum()), int((a & ~b).sum()), len(a)
-    p = st.binomtest(n10, n10 + n01, 0.5).pvalue if n10 + n01 else 1.0
-    d = (n10 - n01) / n
-    se = math.sqrt(max(n10 + n01 - (n10 - n01) ** 2 / n, 0)) / n  # paired-difference standard error
-    z = st.norm.ppf(0.975)
-    return dict(diff=d, ci_low=d - z * se, ci_high=d + z * se, p_value=float(p), only_a=n10, only_b=n01, n=n)
+    if not len(a): raise ValueError('paired test needs at least one image')
+    return mcnemar_counts(int((a & ~b).sum()), int((~a & b).sum()), len(a), level)
 
 # %% ../nbs/00b_stats.ipynb #8397065e
 def mean_ci(values, level: float = 0.95) -> dict:
@@ -103,7 +132,7 @@ def seeds_images_diff(
     paired_seeds: bool = False,  # seed s is shared by both arms (same initialisation and data order)
     level: float = 0.95,  # confidence level of the interval
 ) -> dict:
-    "Difference a − b of two arms scored on the same images, its variance counting seed, image and interaction once."
+    "Difference a − b of two arms on the same images; its interval covers new seeds *and* new images (each variance counted once)."
     a, b = _as_scores(a, 'a'), _as_scores(b, 'b')  # (S_a, N), (S_b, N) per-image scores
     (sa, n), sb = a.shape, b.shape[0]
     if b.shape[1] != n: raise ValueError(f'both arms must be scored on the same images: {n} vs {b.shape[1]} columns')
@@ -122,9 +151,11 @@ def seeds_images_diff(
     image = sum(t for t, _ in image_terms)  # σ̂²_δ / N, dropped when sampling makes it negative
     v, df = _satterthwaite(seed_terms + (image_terms if image > 0 else []))
     diff, se = float(a.mean() - b.mean()), math.sqrt(max(v, 0.0))
-    if se > 0: q, p = st.t.ppf(0.5 + level / 2, df), float(2 * st.t.sf(abs(diff) / se, df))
-    else: q, p = 0.0, float(diff == 0)  # no variance at all: the difference is exact
-    return dict(diff=diff, se=se, df=float(df), ci_low=float(diff - q * se), ci_high=float(diff + q * se), p_value=p, n_seeds=sa,
+    if se > 0:
+        q = st.t.ppf(0.5 + level / 2, df)
+        lo, hi, p = diff - q * se, diff + q * se, float(2 * st.t.sf(abs(diff) / se, df))  # same t and df: agree at 1 − level
+    else: lo, hi, p = _no_variation(diff, n, level)  # nothing varies (e.g. identical models): the exact bound over N images
+    return dict(diff=diff, se=se, df=float(df), ci_low=float(lo), ci_high=float(hi), p_value=p, n_seeds=sa,
                 n_seeds_b=sb, n_images=n, level=level, se_seeds=math.sqrt(sum(t for t, _ in seed_terms)),
                 se_images=math.sqrt(max(image, 0.0)), var_seed=float(var_seed), var_image=float(max(image, 0.0) * n), var_interaction=ms_res)
 
@@ -142,6 +173,7 @@ def synthetic_arms(
     seed_corr: float = 0.0,  # correlation of the arms' seed effects and interactions at the same seed index
     binary: bool = False,  # 0/1 scores from a probit model instead of Gaussian scores
     base: float = 0.8,  # arm b's accuracy when binary
+    sd_common: float = 1.0,  # sd of the image difficulty shared by both arms (large with binary: most images never flip)
 ) -> tuple[np.ndarray, np.ndarray]:
     "Arms a and b of `reps` synthetic seeds × images experiments, (reps, S, N) each, whose true mean difference is `true_diff`."
     rng, shape = np.random.default_rng(seed), (reps, n_seeds, n_images)
@@ -149,13 +181,14 @@ def synthetic_arms(
         x, z = rng.normal(0, sd, size), rng.normal(0, sd, size)
         return x, seed_corr * x + math.sqrt(1 - seed_corr ** 2) * z
     (ua, ub), (ea, eb) = pair(sd_seed, (reps, n_seeds, 1)), pair(sd_interaction, shape)
-    common, delta = rng.normal(0, 1, (reps, 1, n_images)), rng.normal(0, sd_image, (reps, 1, n_images))
+    common, delta = rng.normal(0, sd_common, (reps, 1, n_images)), rng.normal(0, sd_image, (reps, 1, n_images))
     ya, yb = common + delta / 2 + ua + ea, common - delta / 2 + ub + eb  # (reps, S, N) zero-mean latent scores
     if not binary: return ya + true_diff, yb
     if not 0 < base < 1 or not 0 < base + true_diff < 1: raise ValueError(f'binary arms need accuracies in (0, 1): base={base}, base + true_diff={base + true_diff}')
-    tau = math.sqrt(2 + sd_seed ** 2 + sd_image ** 2 / 4 + sd_interaction ** 2)  # latent sd incl. the N(0, 1) noise
+    tau = math.sqrt(1 + sd_common ** 2 + sd_seed ** 2 + sd_image ** 2 / 4 + sd_interaction ** 2)  # latent sd incl. the N(0, 1) noise
     ma, mb = tau * st.norm.ppf(base + true_diff), tau * st.norm.ppf(base)  # P(latent + m > 0) = Φ(m / τ)
-    return ((ya + rng.normal(0, 1, shape) + ma > 0).astype(float), (yb + rng.normal(0, 1, shape) + mb > 0).astype(float))
+    na, nb = pair(1.0, shape)  # each score's own N(0, 1) noise, correlated like the interactions (a shared seed's run)
+    return (ya + na + ma > 0).astype(float), (yb + nb + mb > 0).astype(float)
 
 def simulate_coverage(
     method,  # callable (a, b) -> dict with ci_low and ci_high, e.g. seeds_images_diff
@@ -171,10 +204,11 @@ def simulate_coverage(
     seed_corr: float = 0.0,  # correlation of the arms' seed effects and interactions at the same seed index
     binary: bool = False,  # 0/1 scores from a probit model instead of Gaussian scores
     base: float = 0.8,  # arm b's accuracy when binary
+    sd_common: float = 1.0,  # sd of the image difficulty shared by both arms
 ) -> float:
     "Share of `reps` synthetic experiments whose interval `method(a, b)` (ci_low, ci_high) contains `true_diff`."
     a, b = synthetic_arms(true_diff=true_diff, n_seeds=n_seeds, n_images=n_images, sd_seed=sd_seed, sd_image=sd_image,
-                          sd_interaction=sd_interaction, reps=reps, seed=seed, seed_corr=seed_corr, binary=binary, base=base)  # (reps, S, N)
+                          sd_interaction=sd_interaction, reps=reps, seed=seed, seed_corr=seed_corr, binary=binary, base=base, sd_common=sd_common)  # (reps, S, N)
     hits = [(r := method(a[k], b[k]))['ci_low'] <= true_diff <= r['ci_high'] for k in range(reps)]
     return float(np.mean(hits))
 
@@ -211,6 +245,26 @@ def two_way_bootstrap(
     return dict(diff=float(a.mean() - b.mean()), se=float(boots.std(ddof=1)), ci_low=float(lo), ci_high=float(hi),
                 p_value=float(p), n_seeds=sa, n_seeds_b=sb, n_images=n, level=level, n_boot=n_boot)
 
+# %% ../nbs/00b_stats.ipynb #0eb1f7a7
+def study_regime(
+    *,
+    n_images: int,  # test images (the study: 1,000–10,000)
+    true_diff: float = 0.0,  # a − b on the accuracy scale
+    reps: int = 300,  # simulated experiments
+    seed: int = 0,  # random seed
+    n_seeds: int = 5,  # paired seeds per arm
+    base: float = 0.74,  # arm b's accuracy (the default model's clean accuracy)
+) -> dict:
+    "Coverage of `seeds_images_diff(paired_seeds=True)` on 0/1 scores with paired seeds, no seed variance and rarely flipping images."
+    kw = dict(true_diff=true_diff, n_seeds=n_seeds, n_images=n_images, sd_seed=0.0, sd_image=0.2, sd_interaction=0.2,
+              sd_common=3.0, seed_corr=0.95, binary=True, base=base)
+    a, b = synthetic_arms(**kw, reps=reps, seed=seed)  # (reps, S, N) each
+    rs = [seeds_images_diff(x, y, paired_seeds=True) for x, y in zip(a, b)]
+    both = np.concatenate([a, b], 1)  # (reps, 2S, N)
+    return dict(n_images=n_images, true_diff=true_diff, reps=reps, coverage=float(np.mean([r['ci_low'] <= true_diff <= r['ci_high'] for r in rs])),
+                never_flip=float((both.min(1) == both.max(1)).mean()), discordant=float((a != b).mean()),
+                seed_var_zero=float(np.mean([r['var_seed'] == 0 for r in rs])), width_points=float(100 * np.mean([r['ci_high'] - r['ci_low'] for r in rs])))
+
 # %% ../nbs/00b_stats.ipynb #a0c1e018
 def holm(
     p_values,  # one family of p-values (list, array or Series)
@@ -237,6 +291,70 @@ def with_holm(
     out = paired.copy()
     if not by: out['p_holm'] = holm(out['p_value'])
     else: out['p_holm'] = out.groupby(by, sort=False, dropna=False)['p_value'].transform(lambda p: holm(p.to_numpy()))
+    return out
+
+# %% ../nbs/00b_stats.ipynb #6fb42fc8
+def paired_shares(
+    scores_a,  # model a's per-image scores in [0, 1] (e.g. shares of corruption cells right), (n,)
+    scores_b,  # model b's on the same images, (n,)
+    level: float = 0.95,  # confidence level; the test's threshold is 1 − level
+) -> dict:
+    "Mean paired difference a − b of per-image scores: t-interval and paired t-test (never zero width)."
+    a, b = (np.asarray(x.detach().cpu() if isinstance(x, Tensor) else x, dtype=float).reshape(-1) for x in (scores_a, scores_b))
+    if len(a) != len(b) or len(a) < 2: raise ValueError(f'paired scores need the same ≥ 2 images: {len(a)} vs {len(b)}')
+    d = a - b  # (n,)
+    if d.std() > 0:
+        r = mean_ci(d, level)
+        lo, hi, p = r['ci_low'], r['ci_high'], float(st.ttest_1samp(d, 0).pvalue)
+    else: lo, hi, p = _no_variation(float(d.mean()), len(d), level)
+    return dict(diff=float(d.mean()), ci_low=lo, ci_high=hi, p_value=p, n=len(d), level=level)
+
+# %% ../nbs/00b_stats.ipynb #42bfceae
+PAPER_AVERAGE = ('clean', 'patch_fool', 'cw', 'fgsm', 'damagenet', 'imagenet_c', 'cifar10_c', 'a', 'v2', 'r', 'sketch', 'stylized',
+                 'cifar10_1', 'cifar10_2', 'cinic10', 'stl10')  # the paper's Table 2 columns and their CIFAR-10 analogues (evaluate.CIFAR10_SHIFTS)
+
+def _average_value(r: pd.Series, metric: str) -> float:
+    "A column's value as the paper averages it: 1 − mCE for ImageNet-C, the accuracy otherwise."
+    return float(1 - r['mce']) if metric == 'imagenet_c' and 'mce' in r and pd.notna(r['mce']) else float(r['value'])
+
+def averages(
+    results: dict[str, pd.DataFrame],  # {model: tidy results of evaluate: metric, value, n [, mce]}
+    *,
+    robustness,  # metrics of our robustness average (evaluate.ROBUSTNESS)
+    paper=PAPER_AVERAGE,  # metrics of the paper's Average, clean included
+) -> pd.DataFrame:
+    "Per model, our robustness average and the paper's Average (fractions), each column labelled with how many columns it averages."
+    if not results: raise ValueError('averages needs at least one model')
+    used, vals = {}, {}
+    for name, df in results.items():
+        df = df[df.n > 0].set_index('metric')
+        for key, cols in (('ours', robustness), ('paper', paper)):
+            ms = tuple(m for m in df.index if m in cols)
+            used.setdefault(key, set()).add(ms)
+            vals[name, key] = float(np.mean([_average_value(df.loc[m], m) for m in ms])) if ms else float('nan')
+    if any(len(s) > 1 for s in used.values()): raise ValueError(f'the models were scored on different metrics {used}: score them on the same suite')
+    (ours,), (theirs,) = used['ours'], used['paper']
+    cols = lambda k: f"{k} column{'s' if k != 1 else ''}"  # '1 column', '7 columns'
+    c_ours, c_paper = f'average (robustness, {cols(len(ours))})', f"Average (paper's, {cols(len(theirs))}{' incl. clean' if 'clean' in theirs else ''})"
+    out = pd.DataFrame({'model': list(results), c_ours: [vals[k, 'ours'] for k in results], c_paper: [vals[k, 'paper'] for k in results]})
+    out.attrs['note'] = (f"{c_ours}: our average, the mean accuracy over {', '.join(ours) or 'no column'} (clean and the small-budget "
+                         f"FGSM/PGD and PGD columns left out). {c_paper}: the paper's definition, the mean over {', '.join(theirs) or 'no column'} "
+                         '(clean included, as in the paper; ImageNet-C as 100 − mCE, CIFAR-10-C as its accuracy).')
+    return out
+
+def with_averages(
+    table: pd.DataFrame,  # a Table 2-layout table: a `model` column, cells as strings
+    results: dict[str, pd.DataFrame],  # the tidy results the table was made from
+    *,
+    robustness,  # metrics of our robustness average (evaluate.ROBUSTNESS)
+    paper=PAPER_AVERAGE,  # metrics of the paper's Average
+    digits: int = 1,  # decimals of the percentages
+) -> pd.DataFrame:
+    "The table with any 'average (…)' column replaced by `averages`' two columns, in percent, and their note."
+    avg = averages(results, robustness=robustness, paper=paper)
+    out = table.drop(columns=[c for c in table.columns if str(c).lower().startswith('average (')])
+    for c in avg.columns[1:]: out[c] = out.model.map(dict(zip(avg.model, avg[c]))).map(lambda v: '—' if pd.isna(v) else f'{100 * v:.{digits}f}')
+    out.attrs['note'] = avg.attrs['note']
     return out
 
 # %% ../nbs/00b_stats.ipynb #a0c1e023

@@ -25,7 +25,8 @@ import json, time
 import numpy as np, pandas as pd, torch, matplotlib.pyplot as plt
 from ns_vit.finetune import FinetuneConfig
 from ns_vit.experiments import compare_methods
-from ns_vit.evaluate import values_table, check_request
+from ns_vit.evaluate import values_table, check_request, ROBUSTNESS
+from ns_vit.stats import with_averages
 from ns_vit.report import report_dir, write_meta, save_table, save_figure, in_test, param
 from ns_vit.data import repo_root
 
@@ -81,11 +82,15 @@ t0 = time.time()
 table, runs, results, paired_base = compare_methods(configs, model=model, checkpoint=checkpoint, dataset=dataset,
                                                     train_fraction=train_fraction, suite=metrics, n=n, data=data, seed=seed,
                                                     device=device, quiet=smoke, runs_root=runs_root)
+table = with_averages(table, results, robustness=ROBUSTNESS)  # ours and the paper's Average, each named by what it averages
 table
 
 # %% [markdown]
 # Each cell is the accuracy in percent with its 95% Wilson interval (for CIFAR-10-C, the mean over the 75 cells with a
-# t-interval over images). The columns' budgets:
+# t-interval over images). The last two columns are averages, and different ones: `average (robustness, k columns)` is
+# ours (the robustness columns only), `Average (paper's, k columns incl. clean)` is the paper's definition (every one of
+# its Table 2 columns, clean included; `stats.averages`); the table's note names the columns each averages. The
+# columns' budgets:
 
 # %%
 #| notest
@@ -96,6 +101,9 @@ settings
 # ## Which differences are real
 # Paired tests on the same images: every finetuned model against the base model, and against plain finetuning
 # (`none`), the control the paper does not run.
+# For 0/1 correctness each difference carries McNemar's exact p and the exact interval of `stats.mcnemar_counts`, which
+# excludes 0 exactly when p < 0.05 and is never a zero-width point (no image differing gives ± the exact bound
+# $1 - 0.025^{1/n}$); for CIFAR-10-C's per-image shares, a paired t-test and its t-interval, which agree in the same way.
 
 # %%
 #| notest
@@ -141,3 +149,8 @@ print('\n'.join(sentences))
 assert set(table.model) == {'base', *methods}
 assert all(df[df.n > 0].value.between(0, 1).all() for df in results.values())
 assert all((df[df.n > 0].ci_low <= df[df.n > 0].value + 1e-9).all() for df in results.values())
+agree = ((paired.ci_low > 0) | (paired.ci_high < 0)) == (paired.p_value < 0.05)
+assert agree.all(), paired[~agree]  # no interval contradicts its p-value
+binary = paired.metric != 'cifar10_c'  # per-image shares go through evaluate's t-test branch (zero width only if no image differs)
+assert (paired.ci_high > paired.ci_low)[binary].all(), paired[binary & (paired.ci_high <= paired.ci_low)]
+assert any(c.startswith("Average (paper's") for c in table.columns) and any(c.startswith('average (robustness') for c in table.columns)
