@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import numpy as np
 import pandas as pd
-import torch
 from torch import Tensor
 from scipy import stats as st
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 import numpy as np
 import pandas as pd
-import torch
 from torch import Tensor
 from scipy import stats as st
 
 # %%
+import torch
 from fastcore.test import test_eq, test_close, test_fail
 
 
