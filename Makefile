@@ -107,8 +107,8 @@ pretrain-ti8:  ## pretrain the larger embedded model vit-ti8 (issue 26; hours on
 	OMP_NUM_THREADS=1 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill --no-progress-bar nbs/02_pretrain.ipynb runs/pretrain/02_pretrain_vit-ti8.ipynb \
 	  --cwd . -p model vit-ti8 -p lr 1e-3 -p threads 1
 
-readme:  ## regenerate README.md from nbs/index.ipynb and the committed reports
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -c "from ns_vit.report import render_readme; print(render_readme())"
+readme:  ## regenerate the study headline from its committed table, then README.md from nbs/index.ipynb and the committed reports
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -c "from ns_vit.report import render_readme, write_headline; write_headline(); print(render_readme())"
 
 # The site: mkdocs (material theme, mkdocs-jupyter) from the notebooks, the executed copies in reports/notebooks/ and the
 # report folders, built offline into _site/ (pins: constraints.txt). MathJax comes from jupyter-server-mathjax's files

@@ -24,7 +24,7 @@ SECTIONS = [
     ('§6 Applications', ['10_blend', '10a_explain', '10b_fingerprint']),
     ('Benchmarks', ['12_benchmarks']),
     ('Library basics', ['index', '00_data', '00a_report', '00b_stats', '01_models', '01a_attention', '01b_training',
-                        '01c_cache', '02_pretrain']),
+                        '01c_cache', '01d_checks', '02_pretrain']),
 ]
 # report folder (its first part) -> the notebook that writes it
 WRITTEN_BY = {'table1_nullspace_dims': '03_nullspace', 'fig2_exact_nullspace': '03_nullspace',
@@ -141,7 +141,10 @@ def home_page(nav_sections: list, report_pages: dict[str, str], names: dict[str,
     "The home page: what ns_vit is, the paper's artifacts (one click to each), the notebooks section by section."
     index = json.loads((ROOT / 'nbs' / 'index.ipynb').read_text())
     intro = ''.join(index['cells'][0]['source']).split('\n', 1)[1].strip()  # the summary under the title
-    lines = ['# ns_vit', '', intro, '',
+    headline = ROOT / 'reports' / 'reproduction' / 'headline.md'  # the study's finding in plain words (notebook 11 / make readme)
+    found = (['## What we found', '', headline.read_text().strip(), '', f'The study, its tables and figures: '
+              f'[reports/reproduction]({report_pages["reproduction"]}).', ''] if headline.exists() and 'reproduction' in report_pages else [])
+    lines = ['# ns_vit', '', intro, '', *found,
              'Every notebook of the repository, in the paper\'s order, with its results: experiment notebooks as executed '
              'by `make reports`, library notebooks with their code and tests. Built offline by `make docs`.', '',
              '## The paper\'s artifacts', '', '| artifact | report | notebook |', '|---|---|---|']

@@ -11,9 +11,10 @@ from .data import repo_root
 from .training import atomic_save
 
 # %% auto #0
-__all__ = ['PAPER_ARTIFACTS', 'README_MUST', 'HEADLINE', 'in_test', 'report_dir', 'device_info', 'param', 'git_state',
-           'git_commit', 'relative_paths', 'write_json', 'write_meta', 'save_table', 'save_figure', 'write_index',
-           'write_minutes', 'notebook_markdown', 'readme_problems', 'render_readme', 'api_table', 'arms_table']
+__all__ = ['PAPER_ARTIFACTS', 'README_MUST', 'HEADLINE', 'METRIC_NAMES', 'ARM_LABELS', 'in_test', 'report_dir', 'device_info',
+           'param', 'git_state', 'git_commit', 'relative_paths', 'write_json', 'write_meta', 'save_table',
+           'save_figure', 'write_index', 'write_minutes', 'notebook_markdown', 'readme_problems', 'render_readme',
+           'api_table', 'arms_table', 'plain_words', 'study_headline', 'write_headline']
 
 # %% ../nbs/00a_report.ipynb #aae446aa
 def in_test() -> bool:
@@ -271,3 +272,79 @@ def arms_table(
               for a, label in arms.items()]
     sizes = {m: {(rows[a, m].seeds, rows[a, m].images) for a in arms} for m in metrics}
     return '\n'.join(lines + ['| seeds × images | ' + ' | '.join(' or '.join(f'{s} × {i:,}' for s, i in sorted(v)) for v in sizes.values()) + ' |'])
+
+# %% ../nbs/00a_report.ipynb #9088fccc
+METRIC_NAMES = {'clean': 'clean accuracy', 'fgsm_small': 'FGSM 1/255', 'pgd_small': 'PGD 1/255', 'fgsm': 'FGSM', 'pgd': 'PGD',
+                'damagenet': 'DamageNet-style transfer', 'cifar10_c': 'CIFAR-10-C', 'imagenet_c': 'ImageNet-C'}  # words for columns
+ARM_LABELS = {'none': 'plain finetuning', 'gaussian': 'norm-matched Gaussian noise', 'ns': 'NS finetuning',
+              'ns-fixed': 'NS with fixed-batch noise', 'base': 'the base model'}  # words for arms
+
+def _join(xs: list[str], word: str = 'or') -> str:
+    "'a', 'a or b', 'a, b or c'."
+    return xs[0] if len(xs) == 1 else ', '.join(xs[:-1]) + f' {word} ' + xs[-1]
+
+def _num(r) -> str:
+    "A difference of proportions in points with its interval: '+0.50 [+0.23, +0.77]'."
+    return f"{100 * r['diff']:+.2f} [{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}]"
+
+def plain_words(
+    q,  # one comparison's rows (DataFrame): metric, diff, ci_low, ci_high, p_holm (proportions)
+    a: str,  # the compared arm
+    b: str,  # the reference arm
+    alpha: float = 0.05,  # level of the Holm-adjusted test
+) -> str:
+    "One comparison in words with its direction ('was 0.30 points worse than … on …'), then the numbers."
+    name = lambda m: METRIC_NAMES.get(m, m)
+    sig, rest = q[q.p_holm < alpha], q[q.p_holm >= alpha]
+    parts = [f"{100 * abs(r['diff']):.2f} points {'better' if r['diff'] > 0 else 'worse'} on {name(r['metric'])} ({_num(r)})"
+             for _, r in sig.iterrows()]
+    la, lb = ARM_LABELS.get(a, a), ARM_LABELS.get(b, b)
+    if parts: s = f'{la} was ' + parts[0].replace(' on ', f' than {lb} on ', 1) + ''.join(f', and {x}' for x in parts[1:])
+    else: s = f"{la} and {lb} did not differ, after Holm's correction, on any of the {len(q)} columns"
+    if len(rest) and parts: s += f"; no difference after Holm's correction on {_join([name(m) for m in rest.metric])}"
+    if len(rest): s += ' (' + '; '.join(f"{name(r['metric'])} {_num(r)}" for _, r in rest.iterrows()) + ')'
+    return s[0].upper() + s[1:] + '.'
+
+
+# %% ../nbs/00a_report.ipynb #5fb60a6a
+def _cell_steps(cell: dict) -> int:
+    "Finetuning steps of a study cell (its override, else FinetuneConfig's default)."
+    from ns_vit.finetune import FinetuneConfig
+    return int(cell.get('overrides', {}).get('steps', FinetuneConfig().steps))
+
+def study_headline(
+    paired,  # the study's paired table (DataFrame; notebook 11's paired_raw.csv): cell, model, reference, metric, diff, ci_low, ci_high, p_holm
+    cells: dict,  # the study's cells (its meta.json params): name → overrides, arms, seeds
+    model: str = 'default',  # the model the study finetuned
+    params_m: float | None = None,  # its size in millions of parameters, when known
+) -> str:
+    "The study's finding in plain words with numbers: the first cell's NS against plain finetuning and Gaussian noise, then the other cells."
+    comp = lambda cl, a, b: paired[(paired.cell == cl) & (paired.model == a) & (paired.reference == b)]
+    cell0 = next(iter(cells))
+    vs_none = comp(cell0, 'ns', 'none')
+    if not len(vs_none): raise ValueError(f'the paired table has no ns − none rows in the cell {cell0!r}')
+    gains = vs_none[(vs_none.p_holm < 0.05) & (vs_none['diff'] > 0) & (vs_none.metric != 'clean')]
+    cols = _join([METRIC_NAMES.get(m, m) for m in dict.fromkeys(vs_none.metric)], 'and')
+    lead = (f"NS finetuning made the model more robust than plain finetuning on {_join([METRIC_NAMES.get(m, m) for m in gains.metric], 'and')}"
+            if len(gains) else 'NS finetuning did not make the model more robust than plain finetuning of the same length')
+    size = f', {params_m:.1f} M parameters' if params_m else ''
+    s = [f"On the {model} CIFAR-10 ViT{size}, {lead} ({len(cells[cell0]['seeds'])} seeds per arm, {_cell_steps(cells[cell0]):,} "
+         f"steps; scored on {cols}; points, 95% intervals over seeds × images, Holm's correction over the columns)."]
+    s += [plain_words(comp(cell0, 'ns', ref), 'ns', ref) for ref in ('none', 'gaussian') if len(comp(cell0, 'ns', ref))]
+    for cl in [c for c in cells if c != cell0 and len(comp(c, 'ns', 'none'))]:
+        s.append(f"In the cell {cl!r} ({_cell_steps(cells[cl]):,} steps, {len(cells[cl]['seeds'])} seeds): "
+                 + plain_words(comp(cl, 'ns', 'none'), 'ns', 'none'))
+    return ' '.join(s)
+
+def write_headline(rep: str | Path = 'reports/reproduction') -> str:
+    "Regenerate `headline.md` of a study report from its `paired_raw.csv` and `meta.json`; returns the text."
+    import pandas as pd
+    from ns_vit.models import EMBEDDED_MODELS
+    rep = Path(rep) if Path(rep).is_absolute() else repo_root() / rep
+    params = json.loads((rep / 'meta.json').read_text())['params']
+    card = repo_root() / Path(EMBEDDED_MODELS[params['model']]['checkpoint']).with_suffix('.json') if params['model'] in EMBEDDED_MODELS else None
+    size = json.loads(card.read_text()).get('params', 0) / 1e6 if card is not None and card.exists() else None
+    text = study_headline(pd.read_csv(rep / 'paired_raw.csv'), params['cells'], params['model'], size)
+    (rep / 'headline.md').write_text(text + '\n')
+    return text
+

@@ -51,3 +51,11 @@ def test_clicks():
     graph = {'index.html': {'a.html'}, 'a.html': {'b.html'}, 'b.html': {'c.html'}}
     assert [check.clicks('index.html', p, graph) for p in ('index.html', 'a.html', 'b.html', 'c.html')] == [0, 1, 2, 3]
     assert check.clicks('index.html', 'z.html', graph) == float('inf')
+
+
+def test_home_page_leads_with_the_study_headline():
+    "The site's home page states the finding (reports/reproduction/headline.md) before the artifacts."
+    build = load('docs/build.py')
+    headline = (ROOT / 'reports' / 'reproduction' / 'headline.md').read_text().strip()
+    page = build.home_page(build.SECTIONS, {'reproduction': 'reports/reproduction/index.md'}, {}, set())
+    assert headline in page and page.index('## What we found') < page.index("## The paper's artifacts")

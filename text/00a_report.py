@@ -443,3 +443,112 @@ with tempfile.TemporaryDirectory() as d:
     test_eq(t.splitlines(), ['| | clean | PGD 1/255 |', '|---|---:|---:|', '| plain | 74.1 [74.0, 74.2] | 47.1 [46.6, 47.6] |',
                              '| NS | 74.1 [74.0, 74.2] | 46.9 [46.4, 47.5] |', '| seeds × images | 5 × 10,000 | 5 × 1,000 |'])
     test_fail(lambda: arms_table(f, {'gaussian': 'G'}, {'clean': 'clean'}, cell='c'), contains="no rows for [('gaussian', 'clean')] in cell 'c'")
+
+# %% [markdown]
+# ## Results in plain words
+# A comparison of two arms becomes a sentence with its direction: on which columns the first was *better* or *worse*
+# than the second (Holm-adjusted p below 0.05 over that comparison's columns), by how many points, with the interval;
+# and on which it showed no difference after that correction (an unadjusted interval may still exclude 0). Every column of the study is an accuracy, so higher is better.
+# `study_headline` builds the study's finding from its paired table (`paired_raw.csv` of notebook 11) and
+# `write_headline` writes it to the report's `headline.md`, which leads the README's results and the site's home page.
+#
+
+# %%
+#| export
+METRIC_NAMES = {'clean': 'clean accuracy', 'fgsm_small': 'FGSM 1/255', 'pgd_small': 'PGD 1/255', 'fgsm': 'FGSM', 'pgd': 'PGD',
+                'damagenet': 'DamageNet-style transfer', 'cifar10_c': 'CIFAR-10-C', 'imagenet_c': 'ImageNet-C'}  # words for columns
+ARM_LABELS = {'none': 'plain finetuning', 'gaussian': 'norm-matched Gaussian noise', 'ns': 'NS finetuning',
+              'ns-fixed': 'NS with fixed-batch noise', 'base': 'the base model'}  # words for arms
+
+def _join(xs: list[str], word: str = 'or') -> str:
+    "'a', 'a or b', 'a, b or c'."
+    return xs[0] if len(xs) == 1 else ', '.join(xs[:-1]) + f' {word} ' + xs[-1]
+
+def _num(r) -> str:
+    "A difference of proportions in points with its interval: '+0.50 [+0.23, +0.77]'."
+    return f"{100 * r['diff']:+.2f} [{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}]"
+
+def plain_words(
+    q,  # one comparison's rows (DataFrame): metric, diff, ci_low, ci_high, p_holm (proportions)
+    a: str,  # the compared arm
+    b: str,  # the reference arm
+    alpha: float = 0.05,  # level of the Holm-adjusted test
+) -> str:
+    "One comparison in words with its direction ('was 0.30 points worse than … on …'), then the numbers."
+    name = lambda m: METRIC_NAMES.get(m, m)
+    sig, rest = q[q.p_holm < alpha], q[q.p_holm >= alpha]
+    parts = [f"{100 * abs(r['diff']):.2f} points {'better' if r['diff'] > 0 else 'worse'} on {name(r['metric'])} ({_num(r)})"
+             for _, r in sig.iterrows()]
+    la, lb = ARM_LABELS.get(a, a), ARM_LABELS.get(b, b)
+    if parts: s = f'{la} was ' + parts[0].replace(' on ', f' than {lb} on ', 1) + ''.join(f', and {x}' for x in parts[1:])
+    else: s = f"{la} and {lb} did not differ, after Holm's correction, on any of the {len(q)} columns"
+    if len(rest) and parts: s += f"; no difference after Holm's correction on {_join([name(m) for m in rest.metric])}"
+    if len(rest): s += ' (' + '; '.join(f"{name(r['metric'])} {_num(r)}" for _, r in rest.iterrows()) + ')'
+    return s[0].upper() + s[1:] + '.'
+
+
+
+# %%
+import pandas as pd
+_t = pd.DataFrame(dict(metric=['clean', 'cifar10_c', 'pgd_small'], diff=[0.0, -0.003, 0.01], ci_low=[-0.001, -0.0042, 0.002],
+                       ci_high=[0.001, -0.0018, 0.018], p_holm=[1.0, 0.001, 0.02]))
+test_eq(plain_words(_t, 'ns', 'none'),
+        'NS finetuning was 0.30 points worse than plain finetuning on CIFAR-10-C (-0.30 [-0.42, -0.18]), and 1.00 points better '
+        'on PGD 1/255 (+1.00 [+0.20, +1.80]); no difference after Holm\'s correction on clean accuracy (clean accuracy +0.00 [-0.10, +0.10]).')
+test_eq(plain_words(_t.assign(p_holm=0.5), 'ns', 'gaussian')[:112],
+        'NS finetuning and norm-matched Gaussian noise did not differ, after Holm\'s correction, on any of the 3 columns (')
+
+
+# %%
+#| export
+def _cell_steps(cell: dict) -> int:
+    "Finetuning steps of a study cell (its override, else FinetuneConfig's default)."
+    from ns_vit.finetune import FinetuneConfig
+    return int(cell.get('overrides', {}).get('steps', FinetuneConfig().steps))
+
+def study_headline(
+    paired,  # the study's paired table (DataFrame; notebook 11's paired_raw.csv): cell, model, reference, metric, diff, ci_low, ci_high, p_holm
+    cells: dict,  # the study's cells (its meta.json params): name → overrides, arms, seeds
+    model: str = 'default',  # the model the study finetuned
+    params_m: float | None = None,  # its size in millions of parameters, when known
+) -> str:
+    "The study's finding in plain words with numbers: the first cell's NS against plain finetuning and Gaussian noise, then the other cells."
+    comp = lambda cl, a, b: paired[(paired.cell == cl) & (paired.model == a) & (paired.reference == b)]
+    cell0 = next(iter(cells))
+    vs_none = comp(cell0, 'ns', 'none')
+    if not len(vs_none): raise ValueError(f'the paired table has no ns − none rows in the cell {cell0!r}')
+    gains = vs_none[(vs_none.p_holm < 0.05) & (vs_none['diff'] > 0) & (vs_none.metric != 'clean')]
+    cols = _join([METRIC_NAMES.get(m, m) for m in dict.fromkeys(vs_none.metric)], 'and')
+    lead = (f"NS finetuning made the model more robust than plain finetuning on {_join([METRIC_NAMES.get(m, m) for m in gains.metric], 'and')}"
+            if len(gains) else 'NS finetuning did not make the model more robust than plain finetuning of the same length')
+    size = f', {params_m:.1f} M parameters' if params_m else ''
+    s = [f"On the {model} CIFAR-10 ViT{size}, {lead} ({len(cells[cell0]['seeds'])} seeds per arm, {_cell_steps(cells[cell0]):,} "
+         f"steps; scored on {cols}; points, 95% intervals over seeds × images, Holm's correction over the columns)."]
+    s += [plain_words(comp(cell0, 'ns', ref), 'ns', ref) for ref in ('none', 'gaussian') if len(comp(cell0, 'ns', ref))]
+    for cl in [c for c in cells if c != cell0 and len(comp(c, 'ns', 'none'))]:
+        s.append(f"In the cell {cl!r} ({_cell_steps(cells[cl]):,} steps, {len(cells[cl]['seeds'])} seeds): "
+                 + plain_words(comp(cl, 'ns', 'none'), 'ns', 'none'))
+    return ' '.join(s)
+
+def write_headline(rep: str | Path = 'reports/reproduction') -> str:
+    "Regenerate `headline.md` of a study report from its `paired_raw.csv` and `meta.json`; returns the text."
+    import pandas as pd
+    from ns_vit.models import EMBEDDED_MODELS
+    rep = Path(rep) if Path(rep).is_absolute() else repo_root() / rep
+    params = json.loads((rep / 'meta.json').read_text())['params']
+    card = repo_root() / Path(EMBEDDED_MODELS[params['model']]['checkpoint']).with_suffix('.json') if params['model'] in EMBEDDED_MODELS else None
+    size = json.loads(card.read_text()).get('params', 0) / 1e6 if card is not None and card.exists() else None
+    text = study_headline(pd.read_csv(rep / 'paired_raw.csv'), params['cells'], params['model'], size)
+    (rep / 'headline.md').write_text(text + '\n')
+    return text
+
+
+
+# %%
+_p = pd.concat([_t.assign(cell='default', model='ns', reference='none'), _t.assign(cell='default', model='ns', reference='gaussian', p_holm=0.5),
+                _t.assign(cell='dose 4x', model='ns', reference='none', p_holm=0.5)])
+_h = study_headline(_p, {'default': dict(overrides={}, seeds=[0, 1]), 'dose 4x': dict(overrides={'steps': 1600}, seeds=[0])}, params_m=1.0)
+assert _h.startswith('On the default CIFAR-10 ViT, 1.0 M parameters, NS finetuning made the model more robust than plain finetuning on PGD 1/255 (2 seeds per arm, 400 steps'), _h
+assert "In the cell 'dose 4x' (1,600 steps, 1 seeds): NS finetuning and plain finetuning did not differ, after Holm's correction," in _h, _h
+test_fail(lambda: study_headline(_p[_p.reference == 'gaussian'], {'default': dict(seeds=[0])}), contains='no ns − none rows')
+

@@ -227,36 +227,14 @@ if len(conf):  # the paired differences of the default cell, as a forest plot
 
 # %%
 #| notest
-NAMES = {'clean': 'clean accuracy', 'fgsm_small': 'FGSM 1/255', 'pgd_small': 'PGD 1/255', 'fgsm': 'FGSM', 'pgd': 'PGD',
-         'damagenet': 'DamageNet-style transfer', 'cifar10_c': 'CIFAR-10-C', 'imagenet_c': 'ImageNet-C'}
-LABELS = {'none': 'plain finetuning', 'gaussian': 'norm-matched Gaussian noise', 'ns': 'NS finetuning', 'ns-fixed': 'NS with fixed-batch noise'}
+from ns_vit.report import plain_words, study_headline, METRIC_NAMES as NAMES, ARM_LABELS as LABELS, _join, _num as num
 name = lambda m: NAMES.get(m, m)
-num = lambda r: f"{100 * r['diff']:+.2f} [{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}]"
-
-def _join(xs: list[str], word: str = 'or') -> str:
-    return xs[0] if len(xs) == 1 else ', '.join(xs[:-1]) + f' {word} ' + xs[-1]
-
-def plain_words(q: pd.DataFrame, a: str, b: str, alpha: float = 0.05) -> str:
-    "One comparison's rows (`q`: metric, diff, ci_low, ci_high, p_holm) in words with direction, then the numbers."
-    sig, rest = q[q.p_holm < alpha], q[q.p_holm >= alpha]
-    parts = [f"{100 * abs(r['diff']):.2f} points {'better' if r['diff'] > 0 else 'worse'} on {name(r['metric'])} ({num(r)})"
-             for _, r in sig.iterrows()]
-    if parts: s = f"{LABELS[a]} was " + parts[0].replace(' on ', f' than {LABELS[b]} on ', 1) + ''.join(f', and {x}' for x in parts[1:])
-    else: s = f"{LABELS[a]} and {LABELS[b]} did not differ detectably on any of the {len(q)} columns"
-    if len(rest) and parts: s += f"; no detectable difference on {_join([name(m) for m in rest.metric])}"
-    if len(rest): s += ' (' + '; '.join(f"{name(r['metric'])} {num(r)}" for _, r in rest.iterrows()) + ')'
-    return s + '.'
 
 def comparison(cell: str, a: str, b: str) -> pd.DataFrame:
     "The rows of `conf` comparing arm a with arm b in one cell."
     return conf[(conf.cell == cell) & (conf.model == a) & (conf.reference == b)]
 
-_t = pd.DataFrame(dict(metric=['clean', 'cifar10_c', 'pgd_small'], diff=[0.0, -0.003, 0.01], ci_low=[-0.001, -0.0042, 0.002],
-                       ci_high=[0.001, -0.0018, 0.018], p_holm=[1.0, 0.001, 0.02]))
-_s = plain_words(_t, 'ns', 'none')
-assert _s.startswith('NS finetuning was 0.30 points worse than plain finetuning on CIFAR-10-C (-0.30 [-0.42, -0.18]), and 1.00 points better on PGD'), _s
-assert 'no detectable difference on clean accuracy (clean accuracy +0.00' in _s, _s
-print(_s)
+print(plain_words(comparison(cell0, 'ns', 'none'), 'ns', 'none') if len(comparison(cell0, 'ns', 'none')) else 'no ns − none comparison')
 
 
 # %% [markdown]
@@ -496,19 +474,8 @@ def verdict() -> str:
     return '\n'.join(lines)
 
 def headline() -> str:
-    "The finding in plain words, with numbers: NS against plain finetuning and random noise, then the dose and the authors' settings."
-    c, params_m = cells[cell0], sum(p.numel() for p in base_model.parameters()) / 1e6
-    vs_none = comparison(cell0, 'ns', 'none')
-    gains = vs_none[(vs_none.p_holm < 0.05) & (vs_none['diff'] > 0) & (vs_none.metric != 'clean')]
-    lead = (f"NS finetuning made the model more robust than plain finetuning on {_join([name(m) for m in gains.metric], 'and')}"
-            if len(gains) else 'NS finetuning did not make the model more robust than plain finetuning of the same length')
-    s = [f"On the {model} CIFAR-10 ViT ({params_m:.1f} M parameters), {lead} "
-         f"({len(c['seeds'])} seeds per arm, {_join([name(m) for m in metrics], 'and')}; points, 95% intervals over seeds × images, Holm over the columns)."]
-    for ref in ('none', 'gaussian'):
-        if len(comparison(cell0, 'ns', ref)): s.append(plain_words(comparison(cell0, 'ns', ref), 'ns', ref))
-    for cl in [x for x in cells if x != cell0 and len(comparison(x, 'ns', 'none'))]:
-        s.append(f"In the cell {cl!r} ({steps_of(cl):,} steps, {len(cells[cl]['seeds'])} seeds): " + plain_words(comparison(cl, 'ns', 'none'), 'ns', 'none'))
-    return ' '.join(s)
+    "The finding in plain words with numbers (ns_vit.report.study_headline, which `make readme` also uses)."
+    return study_headline(conf, cells, model, sum(p.numel() for p in base_model.parameters()) / 1e6)
 
 summary, head = verdict(), headline()
 print(summary); print(head)

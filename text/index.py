@@ -68,8 +68,9 @@ metrics = {k: short_label(k, m.settings) for k, m in suite_metrics('cifar10').it
            if k in ('clean', 'fgsm_small', 'pgd_small', 'damagenet', 'cifar10_c')}
 arms = {'none': 'plain finetuning', 'gaussian': 'Gaussian noise, norm-matched', 'ns': 'NS (Algorithm 1)', 'ns-fixed': 'NS, fixed-batch noise'}
 csv = repo_root() / 'reports/reproduction/arms.csv'
-Markdown('## Results\n\nAccuracy (%) with 95% intervals over seeds × images, the default cell of the reproduction study '
-         '(`reports/reproduction/arms.csv`):\n\n' + (arms_table(csv, arms, metrics, cell='default') if csv.exists() else
+Markdown('## Results\n\nAccuracy (%) per arm, the default cell of the reproduction study (`reports/reproduction/arms.csv`), '
+         "with 95% t-intervals over the seeds (training randomness: each seed's accuracy on the same test images; the "
+         "comparisons above also count the images):\n\n" + (arms_table(csv, arms, metrics, cell='default') if csv.exists() else
          '*Not generated yet:* `make study`.') + '\n\nThe full tables: [the study](reports/reproduction/), '
          '[Table 2](reports/table2_robustness/) (also Patch-Fool, CW, FGSM and PGD at 8/255, PGD-AT and TRADES), and every '
          "artifact of the paper below; `make docs` builds them into a site (`_site/index.html`), one page each.\n\n"
@@ -102,12 +103,12 @@ Markdown('## Results\n\nAccuracy (%) with 95% intervals over seeds × images, th
 # | `05_finetune` | `ns_vit.finetune`: Algorithm 1 (the authors' streamed noise; the fixed-batch variant) and baselines; Figure 4, Table 5 with every round's held-out noise influence |
 # | `05a_experiments` | `ns_vit.experiments`: run folders, `run_finetune`, `compare_methods`, `ns-vit-finetune` |
 # | `00b_stats` | `ns_vit.stats`: Wilson intervals, McNemar's paired test, arms over seeds × images, Holm's correction, paired tables and sentences |
-# | `01a_attention`, `01b_training`, `01c_cache` | `ns_vit.attention` (attention maps by hooks), `ns_vit.training` (atomic writes, schedule, seeds, run folders, step batches), `ns_vit.cache` (content-keyed, self-checking cache entries) |
+# | `01a_attention`, `01b_training`, `01c_cache`, `01d_checks` | `ns_vit.attention` (attention maps by hooks), `ns_vit.training` (atomic writes, schedule, seeds, run folders, step batches), `ns_vit.cache` (content-keyed, self-checking cache entries), `ns_vit.checks` (images and models checked where they enter, with the fix in the message) |
 # | `06_evaluate` | `ns_vit.evaluate`: `evaluate(model, suite)` — the §5 suite with intervals, paired tests; `ns-vit-evaluate` |
 # | `06a_attacks`, `06b_corruptions`, `06c_shifts`, `06d_damagenet` | FGSM/PGD/CW/CW∞/AutoAttack and Patch-Fool; CIFAR-10-C with CIFAR's parameters, ImageNet-C, mCE; the shifted-set loaders; the DamageNet-style transfer set (surrogate, attack, cached set) |
 # | `07_table3_robustness`, `08_table4_eps_ablation`, `09_table2_robustness` | Tables 3, 4 and 2 |
 # | `10_blend`, `10a_explain`, `10b_fingerprint` | `ns_vit.applications` (watermark, look-alike images; Figs 6–7), `ns_vit.explain` (saliency; Figs 8–10), `ns_vit.fingerprint` (§6) |
-# | `11_reproduction` | the reproduction study: `none` / `gaussian` / `ns` / `ns-fixed` over seeds, intervals over seeds × images, Holm, the mechanism, the verdict (`make study`: 5 seeds and the confirmation cells) |
+# | `11_reproduction` | the reproduction study: `none` / `gaussian` / `ns` / `ns-fixed` over seeds, intervals over seeds × images, Holm, the mechanism, the verdict in plain words (`make study`: 5 seeds, the dose cells and the authors' settings) |
 # | `12_benchmarks` | `make bench`: NS/plain time ratio, suite minutes, data-loader throughput |
 
 # %% [markdown]
