@@ -83,14 +83,25 @@ STUDY_CELLS ?= {"default": {"overrides": {}, "arms": ["none", "gaussian", "ns", 
 # a one-seed screen of further cells (overrides of the default), e.g. SCREEN='{"loss noisy": {"loss": "noisy"}, "eps 0.1": {"eps": 0.1}}'
 SCREEN ?= {}
 
-study:  ## the reproduction study (issues 15, 25; many hours on 1 CPU core; reuses every finished run) -> reports/reproduction
-	mkdir -p runs/reports reports/notebooks
-	OMP_NUM_THREADS=$(or $(STUDY_THREADS),2) PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/11_reproduction.ipynb reports/notebooks/11_reproduction.ipynb \
-	  --cwd . -p cells '$(STUDY_CELLS)' -p screen '$(SCREEN)' -p report reproduction -p threads $(or $(STUDY_THREADS),2)
+# The larger model's study (issue 26): the default cell (none / gaussian / ns, five seeds, the default recipe unchanged)
+# on vit-ti8, once its weights are committed (make pretrain-ti8); the default model's study then draws both side by side.
+TI8_CELLS ?= {"default": {"overrides": {}, "arms": ["none", "gaussian", "ns"], "seeds": [0, 1, 2, 3, 4]}}
 
-bench:  ## NS/plain time ratio, evaluation-suite minutes, ImageFolder loader images/s -> reports/benchmarks/
+study:  ## the reproduction study (issues 15, 25, 26; many hours on 1 CPU core; reuses every finished run) -> reports/reproduction
+	mkdir -p runs/reports reports/notebooks
+	if [ -f data/vit_ti8.safetensors ]; then \
+	  OMP_NUM_THREADS=$(or $(STUDY_THREADS),2) PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/11_reproduction.ipynb \
+	    runs/reports/11_reproduction_vit-ti8.ipynb --cwd . -p cells '$(TI8_CELLS)' -p model vit-ti8 -p report reproduction/vit-ti8 \
+	    -p threads $(or $(STUDY_THREADS),2) || exit 1; fi
+	OMP_NUM_THREADS=$(or $(STUDY_THREADS),2) PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/11_reproduction.ipynb reports/notebooks/11_reproduction.ipynb \
+	  --cwd . -p cells '$(STUDY_CELLS)' -p screen '$(SCREEN)' -p report reproduction -p threads $(or $(STUDY_THREADS),2) \
+	  $$([ -f reports/reproduction/vit-ti8/paired_raw.csv ] && echo "-p also reproduction/vit-ti8")
+
+bench:  ## NS/plain time ratio (both embedded models), evaluation-suite minutes, ImageFolder loader images/s -> reports/benchmarks/
 	mkdir -p runs/reports
 	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/12_benchmarks.ipynb runs/reports/12_benchmarks.ipynb --cwd .
+	if [ -f data/vit_ti8.safetensors ]; then OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/12_benchmarks.ipynb \
+	  runs/reports/12_benchmarks_vit-ti8.ipynb --cwd . -p model vit-ti8; fi
 
 gpu-check:  ## on a GPU machine: main job on cuda, NS vs plain steps of ViT-S/B at 224 px (bf16 too), torchrun with one process
 	mkdir -p runs/reports

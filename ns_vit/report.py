@@ -317,6 +317,9 @@ def study_headline(
     cells: dict,  # the study's cells (its meta.json params): name → overrides, arms, seeds
     model: str = 'default',  # the model the study finetuned
     params_m: float | None = None,  # its size in millions of parameters, when known
+    other=None,  # another model's paired rows of its first cell (DataFrame), stated after this model's
+    other_model: str = '',  # that model's name
+    other_seeds: int = 0,  # its seeds per arm
 ) -> str:
     "The study's finding in plain words with numbers: the first cell's NS against plain finetuning and Gaussian noise, then the other cells."
     comp = lambda cl, a, b: paired[(paired.cell == cl) & (paired.model == a) & (paired.reference == b)]
@@ -334,6 +337,10 @@ def study_headline(
     for cl in [c for c in cells if c != cell0 and len(comp(c, 'ns', 'none'))]:
         s.append(f"In the cell {cl!r} ({_cell_steps(cells[cl]):,} steps, {len(cells[cl]['seeds'])} seeds): "
                  + plain_words(comp(cl, 'ns', 'none'), 'ns', 'none'))
+    if other is not None and len(other):
+        s.append(f'On the {other_model} model ({other_seeds} seeds per arm): ' + ' '.join(
+            plain_words(other[(other.model == 'ns') & (other.reference == ref)], 'ns', ref) for ref in ('none', 'gaussian')
+            if ((other.model == 'ns') & (other.reference == ref)).any()))
     return ' '.join(s)
 
 def write_headline(rep: str | Path = 'reports/reproduction') -> str:
@@ -344,7 +351,11 @@ def write_headline(rep: str | Path = 'reports/reproduction') -> str:
     params = json.loads((rep / 'meta.json').read_text())['params']
     card = repo_root() / Path(EMBEDDED_MODELS[params['model']]['checkpoint']).with_suffix('.json') if params['model'] in EMBEDDED_MODELS else None
     size = json.loads(card.read_text()).get('params', 0) / 1e6 if card is not None and card.exists() else None
-    text = study_headline(pd.read_csv(rep / 'paired_raw.csv'), params['cells'], params['model'], size)
+    other = {}
+    if params.get('also'):  # the other model's study, as notebook 11 states it
+        o = repo_root() / 'reports' / params['also']; op = json.loads((o / 'meta.json').read_text())['params']; c0 = next(iter(op['cells']))
+        other = dict(other=pd.read_csv(o / 'paired_raw.csv').query('cell == @c0'), other_model=op['model'], other_seeds=len(op['cells'][c0]['seeds']))
+    text = study_headline(pd.read_csv(rep / 'paired_raw.csv'), params['cells'], params['model'], size, **other)
     (rep / 'headline.md').write_text(text + '\n')
     return text
 

@@ -511,6 +511,9 @@ def study_headline(
     cells: dict,  # the study's cells (its meta.json params): name → overrides, arms, seeds
     model: str = 'default',  # the model the study finetuned
     params_m: float | None = None,  # its size in millions of parameters, when known
+    other=None,  # another model's paired rows of its first cell (DataFrame), stated after this model's
+    other_model: str = '',  # that model's name
+    other_seeds: int = 0,  # its seeds per arm
 ) -> str:
     "The study's finding in plain words with numbers: the first cell's NS against plain finetuning and Gaussian noise, then the other cells."
     comp = lambda cl, a, b: paired[(paired.cell == cl) & (paired.model == a) & (paired.reference == b)]
@@ -528,6 +531,10 @@ def study_headline(
     for cl in [c for c in cells if c != cell0 and len(comp(c, 'ns', 'none'))]:
         s.append(f"In the cell {cl!r} ({_cell_steps(cells[cl]):,} steps, {len(cells[cl]['seeds'])} seeds): "
                  + plain_words(comp(cl, 'ns', 'none'), 'ns', 'none'))
+    if other is not None and len(other):
+        s.append(f'On the {other_model} model ({other_seeds} seeds per arm): ' + ' '.join(
+            plain_words(other[(other.model == 'ns') & (other.reference == ref)], 'ns', ref) for ref in ('none', 'gaussian')
+            if ((other.model == 'ns') & (other.reference == ref)).any()))
     return ' '.join(s)
 
 def write_headline(rep: str | Path = 'reports/reproduction') -> str:
@@ -538,7 +545,11 @@ def write_headline(rep: str | Path = 'reports/reproduction') -> str:
     params = json.loads((rep / 'meta.json').read_text())['params']
     card = repo_root() / Path(EMBEDDED_MODELS[params['model']]['checkpoint']).with_suffix('.json') if params['model'] in EMBEDDED_MODELS else None
     size = json.loads(card.read_text()).get('params', 0) / 1e6 if card is not None and card.exists() else None
-    text = study_headline(pd.read_csv(rep / 'paired_raw.csv'), params['cells'], params['model'], size)
+    other = {}
+    if params.get('also'):  # the other model's study, as notebook 11 states it
+        o = repo_root() / 'reports' / params['also']; op = json.loads((o / 'meta.json').read_text())['params']; c0 = next(iter(op['cells']))
+        other = dict(other=pd.read_csv(o / 'paired_raw.csv').query('cell == @c0'), other_model=op['model'], other_seeds=len(op['cells'][c0]['seeds']))
+    text = study_headline(pd.read_csv(rep / 'paired_raw.csv'), params['cells'], params['model'], size, **other)
     (rep / 'headline.md').write_text(text + '\n')
     return text
 
@@ -551,4 +562,8 @@ _h = study_headline(_p, {'default': dict(overrides={}, seeds=[0, 1]), 'dose 4x':
 assert _h.startswith('On the default CIFAR-10 ViT, 1.0 M parameters, NS finetuning made the model more robust than plain finetuning on PGD 1/255 (2 seeds per arm, 400 steps'), _h
 assert "In the cell 'dose 4x' (1,600 steps, 1 seeds): NS finetuning and plain finetuning did not differ, after Holm's correction," in _h, _h
 test_fail(lambda: study_headline(_p[_p.reference == 'gaussian'], {'default': dict(seeds=[0])}), contains='no ns − none rows')
+_h2 = study_headline(_p, {'default': dict(overrides={}, seeds=[0, 1])}, other=_t.assign(model='ns', reference='none'), other_model='vit-ti8', other_seeds=5)
+assert _h2.endswith('On the vit-ti8 model (5 seeds per arm): NS finetuning was 0.30 points worse than plain finetuning on CIFAR-10-C '
+                    "(-0.30 [-0.42, -0.18]), and 1.00 points better on PGD 1/255 (+1.00 [+0.20, +1.80]); no difference after Holm's "
+                    'correction on clean accuracy (clean accuracy +0.00 [-0.10, +0.10]).'), _h2
 

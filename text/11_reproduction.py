@@ -68,6 +68,7 @@ dataset: str = 'cifar10'  # 'cifar10' or an ImageFolder root with train/ and val
 train_fraction: float = 1.0  # share of the training set
 mechanism_images: int = 512  # held-out test images each finetuned model's tolerated ε-noise is measured on
 report: str = 'reproduction/quick'  # artifact folder under reports/ (`make study` writes reports/reproduction)
+also: str = ''  # another model's study report (e.g. 'reproduction/vit-ti8'): drawn beside this one and named in the headline
 device: str = 'cpu'  # 'cpu', 'cuda', ...
 threads: int = 2  # CPU threads for torch
 smoke: bool = False  # tiny run for tests (written under runs/smoke/)
@@ -104,7 +105,7 @@ if smoke:
 imagenet = dataset != 'cifar10'
 if imagenet: data = {'val': str(Path(dataset) / 'val'), 'num_workers': 0 if smoke else 8}
 params = dict(cells=cells, screen=screen, metrics=metrics, model=model, checkpoint=checkpoint, dataset=dataset,
-              train_fraction=train_fraction, n=n, base_kw=base_kw, mechanism_images=mechanism_images, device=device, smoke=smoke)
+              train_fraction=train_fraction, n=n, base_kw=base_kw, mechanism_images=mechanism_images, device=device, smoke=smoke, also=also)
 rep = report_dir(report, smoke)
 t0 = time.time()
 cpu_runs = []  # (cell, arm, seed, run folder, training seconds this call spent: 0 when the run folder was reused)
@@ -437,6 +438,43 @@ display(PAPER_VIT_S); ours
 
 
 # %% [markdown]
+# ## Two models side by side
+# With `-p also <report>` (`make study` passes the larger model's study, `reproduction/vit-ti8`, when its weights are
+# committed) the default cell's NS − plain and NS − Gaussian differences of both models are drawn per column, with their
+# intervals and Holm marks, and the headline states both. Each model is scored on its own images where a set depends on
+# the model (the DamageNet-style transfer set is built on one surrogate, so it is the same images for both).
+#
+
+# %%
+#| notest
+other = None
+if also:
+    o = repo_root() / 'reports' / also if not smoke else repo_root() / 'runs/smoke/reports' / also
+    if not (o / 'paired_raw.csv').exists(): raise FileNotFoundError(f'{o}/paired_raw.csv not found: run the study of that model first (make study)')
+    o_params = json.loads((o / 'meta.json').read_text())['params']
+    o_cell0 = next(iter(o_params['cells']))
+    o_label = o_params['model'] if o_params['model'] != model else f"{model} ({also})"  # two labels even for one model
+    other = pd.read_csv(o / 'paired_raw.csv').query('cell == @o_cell0').assign(study=o_label)
+    both = pd.concat([conf[conf.cell == cell0].assign(study=model), other], ignore_index=True)
+    both = both[(both.model == 'ns') & both.reference.isin(['none', 'gaussian']) & both.metric.isin(metrics)]
+    save_table(both[['study', 'cell', 'model', 'reference', 'metric', 'diff', 'ci_low', 'ci_high', 'p_value', 'p_holm']], rep, 'two_models')
+    fig, axs = plt.subplots(1, 2, figsize=(10, 0.45 * len(metrics) + 1.6), sharey=True)
+    for ax, ref in zip(axs, ('none', 'gaussian')):
+        for k, (st_name, q) in enumerate(both[both.reference == ref].groupby('study', sort=False)):
+            q = q.set_index('metric').reindex(metrics); y = np.arange(len(metrics))[::-1] + (0.15 if k == 0 else -0.15)
+            ax.errorbar(100 * q['diff'], y, xerr=[100 * (q['diff'] - q.ci_low), 100 * (q.ci_high - q['diff'])], fmt='o', capsize=3,
+                        label=st_name, color=f'C{k}')
+            for yy, d, p in zip(y, q['diff'], q.p_holm):
+                if p < 0.05: ax.annotate('*', (100 * d, yy), textcoords='offset points', xytext=(0, 3), ha='center')
+        ax.axvline(0, color='k', lw=0.8); ax.set_title(f'NS − {LABELS[ref]}', fontsize=9)
+        ax.set_xlabel('difference (points), 95% CI; * Holm p < 0.05')
+    axs[0].set_yticks(np.arange(len(metrics))[::-1], [name(m) for m in metrics], fontsize=8); axs[0].legend(fontsize=7)
+    fig.suptitle('The verdict on two models (default cell of each study)', fontsize=10); fig.tight_layout()
+    save_figure(fig, rep, 'two_models'); plt.close(fig)
+    display(both)
+
+
+# %% [markdown]
 # ## Verdict
 # Generated from the tables above: the headline (`headline.md`, which leads the README's results and the site's home
 # page), then for each cell what NS changes against plain finetuning and against norm-matched random noise, in words with
@@ -475,7 +513,8 @@ def verdict() -> str:
 
 def headline() -> str:
     "The finding in plain words with numbers (ns_vit.report.study_headline, which `make readme` also uses)."
-    return study_headline(conf, cells, model, sum(p.numel() for p in base_model.parameters()) / 1e6)
+    kw = dict(other=other, other_model=o_params['model'], other_seeds=len(o_params['cells'][o_cell0]['seeds'])) if other is not None else {}
+    return study_headline(conf, cells, model, sum(p.numel() for p in base_model.parameters()) / 1e6, **kw)
 
 summary, head = verdict(), headline()
 print(summary); print(head)

@@ -15,6 +15,7 @@
 # is computed once. The levers measured side by side, each on the same 80 steps (two rounds), alternating the variants
 # and taking the best of `repeats` runs each, which cancels most of the noise of a shared machine:
 # - `ns (stream, default)`: fresh batches of 32; when δ is inside ε on one, the same δ is confirmed on 3 more (128 unseen images);
+# - `ns (stream, window stop)`: the earlier stop, on the mean of the last 4 batches of 32 (each on another δ);
 # - `ns (stream, batch 128)`: the authors' batch, a whole training batch per descent step, stop on it alone;
 # - `ns (stream, constant rate)`: the default without the cosine decay of the descent's rate;
 # - `ns (stream, warm start)`: each round starts from 1.5 × the previous noise (an option, not the authors' loop);
@@ -29,7 +30,7 @@ import copy, json, os, tempfile, time
 from pathlib import Path
 import numpy as np, pandas as pd, torch, matplotlib.pyplot as plt
 from PIL import Image
-from ns_vit.models import get_model, create_vit
+from ns_vit.models import get_model, create_vit, experiment_model
 from ns_vit.finetune import FinetuneConfig, NOISE_VARIANTS, noise_variant, finetune, rounds_table
 from ns_vit.stats import paired_table
 from ns_vit.data import load_images
@@ -43,6 +44,7 @@ from ns_vit.report import report_dir, write_meta, save_table, save_figure, in_te
 # ## Experiment
 
 # %% tags=["parameters"]
+model: str = 'default'  # embedded model to time ('default', 'vit-ti8'); another writes reports/benchmarks/<model>
 steps: int = 80  # finetuning steps per timed run (2 noise rounds at refresh_every = 40)
 batch_size: int = 128  # images per step
 repeats: int = 2  # timed runs per variant (alternating); the best counts
@@ -59,12 +61,13 @@ smoke: bool = False  # tiny run for tests (written under runs/smoke/)
 smoke = smoke or in_test()
 workers, gpu_models = param(workers), param(gpu_models)
 if smoke: steps, batch_size, repeats, semantics_check, suite_check, loader_images, workers = 4, 16, 1, False, False, 16, [0, 1]
+if model != 'default': semantics_check, suite_check = False, False  # the NS/plain ratio only: the checks are the default model's
 torch.set_num_threads(threads)
-params = dict(steps=steps, batch_size=batch_size, repeats=repeats, semantics_check=semantics_check, suite_check=suite_check,
+params = dict(model=model, steps=steps, batch_size=batch_size, repeats=repeats, semantics_check=semantics_check, suite_check=suite_check,
               loader_images=loader_images, workers=workers, device=device, threads=threads, smoke=smoke)
-rep = report_dir('benchmarks' if device == 'cpu' else f'benchmarks/{device.split(":")[0]}', smoke)  # GPU runs: their own folder
+rep = report_dir(('benchmarks' if device == 'cpu' else f'benchmarks/{device.split(":")[0]}') + ('' if model == 'default' else f'/{model}'), smoke)  # GPU runs and other models: their own folder
 t0 = time.time()
-base = get_model('default', '', device)
+base = experiment_model(model, '', device, smoke=smoke)
 data = train_data('cifar10', 1.0 if not smoke else 0.01, 0)
 
 # %% [markdown]
@@ -74,6 +77,7 @@ data = train_data('cifar10', 1.0 if not smoke else 0.01, 0)
 small = dict(refresh_every=2, noise_max_steps=10, noise_batch=16, warmup_steps=1) if smoke else {}
 variants = {'none': dict(method='none'), 'ns (stream, default)': dict(method='ns'),
             'ns (stream, batch 128)': dict(method='ns', noise_batch=128, noise_stop_window=1),
+            'ns (stream, window stop)': dict(NOISE_VARIANTS['window'], method='ns'),
             'ns (stream, constant rate)': dict(method='ns', noise_schedule_steps=0),
             'ns (stream, warm start)': dict(method='ns', noise_warm_start=True),
             'ns (fixed batch)': dict(NOISE_VARIANTS['fixed'], method='ns')}
@@ -103,7 +107,7 @@ ratio
 
 # %% [markdown]
 # ## Semantics check: the default stream against the authors' batch on a whole run
-# The full default run (400 steps, 10 rounds) with the default stream (fresh batches of 32, stop on the last 4) and with
+# The full default run (400 steps, 10 rounds) with the default stream (fresh batches of 32, the stop confirmed on 128 fresh images) and with
 # the authors' batch (128 per step, stop on it), from the same base, data and seeds: noise norms, descent steps and
 # held-out mse_prob per round, and the two finetuned models scored on the same images with paired tests. The default run's
 # folder is notebook 05's, so it is reused when 05 has run.
