@@ -48,7 +48,7 @@ check-sync:  ## fail if nbdev_export or nbdev_clean would change the tree
 # Minutes per notebook go to runs/reports/minutes.txt and reports/benchmarks/make_reports_minutes.md.
 REPORT_NBS ?= 09_table2_robustness 06d_damagenet 06b_corruptions 08_table4_eps_ablation 10b_fingerprint \
   04a_fig3_approx_nullspace 06a_attacks 05_finetune 04b_fig5_closure 10a_explain 10_blend 03_nullspace 07_table3_robustness
-PAPERMILL = OMP_NUM_THREADS=1 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill --no-progress-bar
+PAPERMILL = OMP_NUM_THREADS=1 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill --no-progress-bar -p commit_report True
 
 reports:  ## regenerate every figure and table into reports/ at default parameters (CPU minutes: reports/benchmarks)
 	mkdir -p runs/reports reports/notebooks; rm -f runs/reports/minutes.txt runs/reports/failed
@@ -92,31 +92,31 @@ study:  ## the reproduction study (issues 15, 25, 26; many hours on 1 CPU core; 
 	if [ -f data/vit_ti8.safetensors ]; then \
 	  OMP_NUM_THREADS=$(or $(STUDY_THREADS),2) PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/11_reproduction.ipynb \
 	    runs/reports/11_reproduction_vit-ti8.ipynb --cwd . -p cells '$(TI8_CELLS)' -p model vit-ti8 -p report reproduction/vit-ti8 \
-	    -p threads $(or $(STUDY_THREADS),2) || exit 1; fi
+	    -p threads $(or $(STUDY_THREADS),2) -p commit_report True || exit 1; fi
 	OMP_NUM_THREADS=$(or $(STUDY_THREADS),2) PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/11_reproduction.ipynb reports/notebooks/11_reproduction.ipynb \
-	  --cwd . -p cells '$(STUDY_CELLS)' -p screen '$(SCREEN)' -p report reproduction -p threads $(or $(STUDY_THREADS),2) \
+	  --cwd . -p cells '$(STUDY_CELLS)' -p screen '$(SCREEN)' -p report reproduction -p threads $(or $(STUDY_THREADS),2) -p commit_report True \
 	  $$([ -f reports/reproduction/vit-ti8/paired_raw.csv ] && echo "-p also reproduction/vit-ti8")
 
 bench:  ## NS/plain time ratio (both embedded models), evaluation-suite minutes, ImageFolder loader images/s -> reports/benchmarks/
 	mkdir -p runs/reports
-	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/12_benchmarks.ipynb runs/reports/12_benchmarks.ipynb --cwd .
+	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/12_benchmarks.ipynb runs/reports/12_benchmarks.ipynb --cwd . -p commit_report True
 	if [ -f data/vit_ti8.safetensors ]; then OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/12_benchmarks.ipynb \
-	  runs/reports/12_benchmarks_vit-ti8.ipynb --cwd . -p model vit-ti8; fi
+	  runs/reports/12_benchmarks_vit-ti8.ipynb --cwd . -p model vit-ti8 -p commit_report True; fi
 
 gpu-check:  ## on a GPU machine: main job on cuda, NS vs plain steps of ViT-S/B at 224 px (bf16 too), torchrun with one process
 	mkdir -p runs/reports
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/12_benchmarks.ipynb runs/reports/12_benchmarks_cuda.ipynb --cwd . \
 	  -p device cuda -p semantics_check False -p suite_check True
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/05_finetune.ipynb runs/reports/05_finetune_cuda.ipynb --cwd . -p device cuda \
-	  -p report benchmarks/cuda/finetune -p out runs/gpu-check/ns
+	  -p report benchmarks/cuda/finetune -p out runs/gpu-check/ns -p commit_report True
 	$(BIN)/torchrun --standalone --nproc_per_node 1 -m ns_vit.experiments --device cuda --steps 40 --out runs/gpu-check/torchrun
 
 pretrain:  ## retrain the embedded default model (data/default_vit.safetensors), about 35-60 min on 2 CPU cores
-	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/02_pretrain.ipynb runs/pretrain/02_pretrain.ipynb --cwd .
+	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/02_pretrain.ipynb runs/pretrain/02_pretrain.ipynb --cwd . -p commit_report True
 
 pretrain-ti8:  ## pretrain the larger embedded model vit-ti8 (issue 26; hours on 1 CPU core; a rerun resumes) -> data/vit_ti8.safetensors
 	OMP_NUM_THREADS=1 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill --no-progress-bar nbs/02_pretrain.ipynb runs/pretrain/02_pretrain_vit-ti8.ipynb \
-	  --cwd . -p model vit-ti8 -p lr 1e-3 -p threads 1
+	  --cwd . -p model vit-ti8 -p lr 1e-3 -p threads 1 -p commit_report True
 
 readme:  ## regenerate the study headline from its committed table, then README.md from nbs/index.ipynb and the committed reports
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -c "from ns_vit.report import render_readme, write_headline; write_headline(); print(render_readme())"

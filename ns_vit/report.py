@@ -11,20 +11,44 @@ from .data import repo_root
 from .training import atomic_save
 
 # %% auto #0
-__all__ = ['PAPER_ARTIFACTS', 'README_MUST', 'HEADLINE', 'METRIC_NAMES', 'ARM_LABELS', 'in_test', 'report_dir', 'device_info',
-           'param', 'git_state', 'git_commit', 'relative_paths', 'write_json', 'write_meta', 'save_table',
-           'save_figure', 'write_index', 'write_minutes', 'notebook_markdown', 'readme_problems', 'render_readme',
-           'api_table', 'arms_table', 'plain_words', 'study_headline', 'write_headline']
+__all__ = ['PARAMS_NOT_RESULTS', 'PAPER_ARTIFACTS', 'README_MUST', 'HEADLINE', 'METRIC_NAMES', 'ARM_LABELS', 'in_test',
+           'param_changes', 'report_dir', 'device_info', 'param', 'git_state', 'git_commit', 'relative_paths',
+           'write_json', 'write_meta', 'save_table', 'save_figure', 'write_index', 'write_minutes', 'notebook_markdown',
+           'readme_problems', 'render_readme', 'api_table', 'arms_table', 'plain_words', 'study_headline',
+           'write_headline']
 
 # %% ../nbs/00a_report.ipynb #aae446aa
 def in_test() -> bool:
     "True under `nbdev_test` (which sets IN_TEST)."
     return bool(os.environ.get('IN_TEST'))
 
-def report_dir(artifact: str, smoke: bool = False, root: str | Path | None = None) -> Path:
-    "The folder for `artifact`: `reports/<artifact>` or, for smoke runs, `runs/smoke/reports/<artifact>`."
+PARAMS_NOT_RESULTS = ('threads', 'device', 'commit_report', 'smoke')  # parameters that do not change what a report says
+
+def param_changes(meta: str | Path, params: dict) -> list[str]:
+    "The parameters (present in both) whose value differs from those of a committed report's `meta.json`: 'k: old → new'."
+    meta = Path(meta)
+    if not meta.exists(): return []
+    old = json.loads(meta.read_text()).get('params', {})
+    new = json.loads(json.dumps(relative_paths(params, where='params')[0], default=str))
+    return [f'{k}: {old[k]!r} → {new[k]!r}' for k in sorted(set(old) & set(new) - set(PARAMS_NOT_RESULTS)) if old[k] != new[k]]
+
+def report_dir(
+    artifact: str,  # the report folder under reports/, e.g. 'table2_robustness' or 'finetune/ns-eps0.03'
+    smoke: bool = False,  # smoke runs write under runs/smoke/reports/
+    root: str | Path | None = None,  # the repository; default: ns_vit's
+    *,
+    params: dict | None = None,  # the notebook's parameters: a run whose results differ from the committed report's goes elsewhere
+    commit: bool = False,  # write into reports/<artifact> even when the parameters differ (`make reports` and `make study` do)
+) -> Path:
+    "The folder for `artifact`: `reports/<artifact>`, `runs/smoke/reports/<artifact>`, or for a trial run `runs/reports/<artifact>-<digest>`."
     base = Path(root) if root is not None else repo_root()
     d = base / ('runs/smoke/reports' if smoke else 'reports') / artifact
+    changes = param_changes(d / 'meta.json', params) if params is not None and not smoke and not commit else []
+    if changes:  # a trial run never overwrites a committed report
+        digest = hashlib.sha256(json.dumps(relative_paths(params, where='params')[0], sort_keys=True, default=str).encode()).hexdigest()[:8]
+        d = base / 'runs' / 'reports' / f"{artifact.replace('/', '-')}-{digest}"
+        print(f"parameters differ from the committed reports/{artifact} ({'; '.join(changes)}): writing to "
+              f"{d.relative_to(base)} instead (-p commit_report True writes into reports/{artifact})", flush=True)
     d.mkdir(parents=True, exist_ok=True)
     return d
 

@@ -23,7 +23,11 @@ from fastcore.test import test_eq, test_fail
 # %% [markdown]
 # ## Artifact folders
 # Each experiment notebook writes `reports/<artifact>/` at its default parameters. Smoke runs (tests) write to
-# `runs/smoke/reports/<artifact>/` instead, so a test never overwrites a real report.
+# `runs/smoke/reports/<artifact>/` instead, so a test never overwrites a real report. Nor does a trial run: a notebook
+# passes its parameters to `report_dir`, and when any of them (other than threads and device) differs from those in the
+# committed report's `meta.json`, the run writes to `runs/reports/<artifact>-<digest of its parameters>/` and prints
+# where, unless `-p commit_report True` (what `make reports`, `make study`, `make bench` and `make pretrain` pass) says
+# that the committed report is to be replaced.
 
 # %%
 #| export
@@ -31,10 +35,33 @@ def in_test() -> bool:
     "True under `nbdev_test` (which sets IN_TEST)."
     return bool(os.environ.get('IN_TEST'))
 
-def report_dir(artifact: str, smoke: bool = False, root: str | Path | None = None) -> Path:
-    "The folder for `artifact`: `reports/<artifact>` or, for smoke runs, `runs/smoke/reports/<artifact>`."
+PARAMS_NOT_RESULTS = ('threads', 'device', 'commit_report', 'smoke')  # parameters that do not change what a report says
+
+def param_changes(meta: str | Path, params: dict) -> list[str]:
+    "The parameters (present in both) whose value differs from those of a committed report's `meta.json`: 'k: old → new'."
+    meta = Path(meta)
+    if not meta.exists(): return []
+    old = json.loads(meta.read_text()).get('params', {})
+    new = json.loads(json.dumps(relative_paths(params, where='params')[0], default=str))
+    return [f'{k}: {old[k]!r} → {new[k]!r}' for k in sorted(set(old) & set(new) - set(PARAMS_NOT_RESULTS)) if old[k] != new[k]]
+
+def report_dir(
+    artifact: str,  # the report folder under reports/, e.g. 'table2_robustness' or 'finetune/ns-eps0.03'
+    smoke: bool = False,  # smoke runs write under runs/smoke/reports/
+    root: str | Path | None = None,  # the repository; default: ns_vit's
+    *,
+    params: dict | None = None,  # the notebook's parameters: a run whose results differ from the committed report's goes elsewhere
+    commit: bool = False,  # write into reports/<artifact> even when the parameters differ (`make reports` and `make study` do)
+) -> Path:
+    "The folder for `artifact`: `reports/<artifact>`, `runs/smoke/reports/<artifact>`, or for a trial run `runs/reports/<artifact>-<digest>`."
     base = Path(root) if root is not None else repo_root()
     d = base / ('runs/smoke/reports' if smoke else 'reports') / artifact
+    changes = param_changes(d / 'meta.json', params) if params is not None and not smoke and not commit else []
+    if changes:  # a trial run never overwrites a committed report
+        digest = hashlib.sha256(json.dumps(relative_paths(params, where='params')[0], sort_keys=True, default=str).encode()).hexdigest()[:8]
+        d = base / 'runs' / 'reports' / f"{artifact.replace('/', '-')}-{digest}"
+        print(f"parameters differ from the committed reports/{artifact} ({'; '.join(changes)}): writing to "
+              f"{d.relative_to(base)} instead (-p commit_report True writes into reports/{artifact})", flush=True)
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -206,6 +233,13 @@ import pandas as pd, matplotlib.pyplot as plt
 with tempfile.TemporaryDirectory() as d:
     rd = report_dir('demo', smoke=True, root=d)
     test_eq(rd, Path(d) / 'runs/smoke/reports/demo')
+    # a committed report is never overwritten by a run with other parameters unless it says so
+    (Path(d) / 'reports/demo').mkdir(parents=True); write_json(dict(params=dict(eps=0.03, steps=400, threads=2)), Path(d) / 'reports/demo/meta.json')
+    test_eq(report_dir('demo', root=d, params=dict(eps=0.03, steps=400, threads=1, new=1)), Path(d) / 'reports/demo')  # same results
+    trial = report_dir('demo', root=d, params=dict(eps=0.03, steps=20))
+    assert trial.parent == Path(d) / 'runs/reports' and trial.name.startswith('demo-'), trial
+    test_eq(report_dir('demo', root=d, params=dict(eps=0.03, steps=20), commit=True), Path(d) / 'reports/demo')
+    test_eq(param_changes(Path(d) / 'reports/demo/meta.json', dict(eps=0.01, steps=400)), ['eps: 0.03 → 0.01'])
     save_table(pd.DataFrame({'a': [1.0], 'b': ['x']}), rd, 'table')
     test_eq((rd / 'table.md').read_text().splitlines()[0].replace(' ', ''), '|a|b|')
     t = pd.DataFrame({'a': [1.0]}); t.attrs['note'] = '* marks p < 0.05.'

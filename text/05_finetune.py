@@ -594,6 +594,7 @@ runs_root: str = ''  # folder of run folders; empty: runs/finetune
 device: str = 'cpu'  # 'cpu', 'cuda', ...
 threads: int = 2  # CPU threads for torch
 smoke: bool = False  # tiny run for tests (written under runs/smoke/)
+commit_report: bool = False  # write into the committed reports/ folder even when the parameters differ from its meta.json (make reports and make study do)
 
 
 # %%
@@ -622,7 +623,7 @@ ctl = replace(cfg, method=control).validate() if control and control != method e
 params = dict(asdict(cfg), noise=noise, control=control, overrides=overrides, model=model, checkpoint=checkpoint, dataset=dataset,
               train_fraction=train_fraction, eval_size=eval_size, eval_every=eval_every, heldout_size=heldout_size,
               metrics=metrics, n=n, out=out, runs_root=runs_root, device=device, smoke=smoke)
-rep = report_dir(report or f'finetune/{method}{"-fixed" if noise == "fixed" else ""}-eps{eps:g}', smoke)
+rep = report_dir(report or f'finetune/{method}{"-fixed" if noise == "fixed" else ""}-eps{eps:g}', smoke, params=params, commit=commit_report)
 minutes = {}
 
 

@@ -73,6 +73,8 @@ seed: int = 0  # seed of everything random
 device: str = 'cpu'  # 'cpu', 'cuda', ...
 threads: int = 2  # CPU threads for torch
 smoke: bool = False  # tiny run for tests (written under runs/smoke/)
+commit_report: bool = False  # write into the committed reports/ folder even when the parameters differ from its meta.json (make reports and make study do)
+
 
 # %%
 #| notest
@@ -98,7 +100,7 @@ grid = {(m, e, L): FinetuneConfig(method=m, **(common | dict(adv_eps=e, steps=L)
 params = dict(asdict(configs['ns']), overrides=overrides, adv_overrides=adv_overrides, methods=methods, model=model, checkpoint=checkpoint,
               dataset=dataset, train_fraction=train_fraction, metrics=metrics, n=n, device=device, smoke=smoke, sweep=sweep,
               sweep_adv_eps=sweep_adv_eps, sweep_steps=sweep_steps, sweep_select_n=sweep_select_n, max_clean_drop=max_clean_drop)
-rep = report_dir('table3_robustness', smoke)
+rep = report_dir('table3_robustness', smoke, params=params, commit=commit_report)
 t0 = time.time()
 
 

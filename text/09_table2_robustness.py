@@ -51,6 +51,8 @@ threads: int = 2  # CPU threads for torch
 report: str = 'table2_robustness'  # report folder under reports/: name another for a non-default run, so the committed one stays
 runs_root: str = ''  # folder of the finetuning runs ('' → runs/finetune)
 smoke: bool = False  # tiny run for tests (written under runs/smoke/)
+commit_report: bool = False  # write into the committed reports/ folder even when the parameters differ from its meta.json (make reports and make study do)
+
 
 # %%
 #| notest
@@ -74,7 +76,7 @@ check_request(metrics, n, data)  # suite, metric names, n and data folders: chec
 params = dict(cfg_kw, methods=methods, model=model, checkpoint=checkpoint, dataset=dataset, train_fraction=train_fraction,
               suite=suite, metrics=metrics, n=n, data=data, seed=seed, device=device, threads=threads, smoke=smoke,
               report=report, runs_root=runs_root)
-rep = report_dir(report, smoke)
+rep = report_dir(report, smoke, params=params, commit=commit_report)
 t0 = time.time()
 
 # %%

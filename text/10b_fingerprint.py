@@ -489,6 +489,8 @@ runs_root: str = ''  # cache folder; '' → runs/fingerprint (smoke: runs/smoke/
 device: str = 'cpu'  # 'cpu', 'cuda', ...
 threads: int = 2  # CPU threads for torch
 smoke: bool = False  # tiny run for tests (a few steps on a few images, written under runs/smoke/)
+commit_report: bool = False  # write into the committed reports/ folder even when the parameters differ from its meta.json (make reports and make study do)
+
 
 # %%
 import hashlib, json, time
@@ -523,7 +525,7 @@ root = repo_root()
 cache = Path(runs_root) if runs_root else root / ('runs/smoke/fingerprint' if smoke else 'runs/fingerprint')
 cache.mkdir(parents=True, exist_ok=True)
 ft_root = str(root / 'runs/smoke/finetune') if smoke else ''  # '' → run_finetune's default runs/finetune
-rep = report_dir('fingerprint', smoke)
+rep = report_dir('fingerprint', smoke, params=params, commit=commit_report)
 t0 = time.time()
 if smoke and not (root / DEFAULT_CHECKPOINT).exists(): owner = default_vit().eval()  # clone without weights (tests only)
 else: owner = load_default_model().to(device)

@@ -72,6 +72,7 @@ also: str = ''  # another model's study report (e.g. 'reproduction/vit-ti8'): dr
 device: str = 'cpu'  # 'cpu', 'cuda', ...
 threads: int = 2  # CPU threads for torch
 smoke: bool = False  # tiny run for tests (written under runs/smoke/)
+commit_report: bool = False  # write into the committed reports/ folder even when the parameters differ from its meta.json (make reports and make study do)
 
 
 # %%
@@ -106,7 +107,7 @@ imagenet = dataset != 'cifar10'
 if imagenet: data = {'val': str(Path(dataset) / 'val'), 'num_workers': 0 if smoke else 8}
 params = dict(cells=cells, screen=screen, metrics=metrics, model=model, checkpoint=checkpoint, dataset=dataset,
               train_fraction=train_fraction, n=n, base_kw=base_kw, mechanism_images=mechanism_images, device=device, smoke=smoke, also=also)
-rep = report_dir(report, smoke)
+rep = report_dir(report, smoke, params=params, commit=commit_report)
 t0 = time.time()
 cpu_runs = []  # (cell, arm, seed, run folder, training seconds this call spent: 0 when the run folder was reused)
 NOISE_KEYS = {k for k in asdict(FinetuneConfig()) if k.startswith('noise_')} | {'eps', 'refresh_every', 'lim', 'loss'}
@@ -156,7 +157,7 @@ if screen:  # one seed per cell, paired on the same images: where to look next, 
         res = {arm: score(train(f'screen {name}', ov, arm, s0)['model']) for arm in ('none', 'ns')}
         parts.append(paired_tests(res, 'none').assign(cell=name))
     screen_df = with_holm(pd.concat(parts, ignore_index=True))
-    rep_screen = report_dir('reproduction/screen', smoke)
+    rep_screen = report_dir('reproduction/screen', smoke, params=params, commit=commit_report)
     save_table(paired_table(screen_df), rep_screen, 'screen_paired'); write_meta(rep_screen, params | dict(report='reproduction/screen'), t0, device)
     display(paired_table(screen_df))
 pd.DataFrame(cpu_runs)
