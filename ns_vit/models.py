@@ -152,7 +152,7 @@ def weights_digest(model: nn.Module, length: int = 8) -> str:
 
 def save_checkpoint(model: PixelViT, path: str | Path, card: dict) -> Path:
     "Write `model` to `path` (.safetensors) and `card` with the weights' sha256 to `path` with .json, both atomically."
-    path = Path(path).with_suffix('.safetensors')
+    path = Path(path); path = path if path.suffix == '.safetensors' else path.with_name(path.name + '.safetensors')  # 'ns-eps0.03' keeps its dots
     card = {**card, 'weights_sha256': weights_digest(model, 64)}
     sd = {k: v.detach().cpu().contiguous() for k, v in model.vit.state_dict().items()}
     atomic_save(sd, path, lambda o, p: save_file(o, p, metadata={'card': json.dumps(card)}))

@@ -231,7 +231,7 @@ def weights_digest(model: nn.Module, length: int = 8) -> str:
 
 def save_checkpoint(model: PixelViT, path: str | Path, card: dict) -> Path:
     "Write `model` to `path` (.safetensors) and `card` with the weights' sha256 to `path` with .json, both atomically."
-    path = Path(path).with_suffix('.safetensors')
+    path = Path(path); path = path if path.suffix == '.safetensors' else path.with_name(path.name + '.safetensors')  # 'ns-eps0.03' keeps its dots
     card = {**card, 'weights_sha256': weights_digest(model, 64)}
     sd = {k: v.detach().cpu().contiguous() for k, v in model.vit.state_dict().items()}
     atomic_save(sd, path, lambda o, p: save_file(o, p, metadata={'card': json.dumps(card)}))
@@ -263,6 +263,8 @@ with tempfile.TemporaryDirectory() as d:
     m4, card = load_checkpoint(p)
     test_eq(card['note'], 'test'); test_eq(json.loads(p.with_suffix('.json').read_text()), card)
     test_eq(card['weights_sha256'], weights_digest(m, 64))
+    test_eq(save_checkpoint(m, Path(d) / 'ns-eps0.03', card).name, 'ns-eps0.03.safetensors')  # a dot in the name is kept
+    test_eq(save_checkpoint(m, Path(d) / 'x.safetensors', card).name, 'x.safetensors')
     test_eq(oct(p.stat().st_mode & 0o777), oct(0o666 & ~_umask()))  # the usual mode, not safetensors' 0600
     x = torch.rand(2, 3, 32, 32)
     test_close(m4(x), m.eval()(x), eps=1e-6)

@@ -607,6 +607,14 @@ from ns_vit.data import repo_root
 t_start = time.time()
 smoke = smoke or in_test()
 metrics, overrides, n = param(metrics), param(overrides), param(n) or None
+if not isinstance(overrides, dict):  # checked before any training, as are metrics and n below
+    raise ValueError(f'overrides must be a JSON object of FinetuneConfig fields, e.g. -p overrides \'{{"steps": 20}}\'; got {overrides!r}')
+if not isinstance(metrics, (list, str)): raise ValueError(f"metrics must be a suite name or a JSON list, e.g. -p metrics '[\"clean\"]'; got {metrics!r}")
+if n is not None and not isinstance(n, (int, dict)): raise ValueError(f"n must be an integer or a JSON object metric → n; got {n!r}")
+if dataset == 'cifar10':
+    from ns_vit.evaluate import suite_metrics
+    _known = suite_metrics(metrics)  # unknown metric names fail here
+    if isinstance(n, dict) and set(n) - set(_known): raise ValueError(f'n has unknown metrics {sorted(set(n) - set(_known))}; the suite has {list(_known)}')
 if smoke:
     overrides = dict(steps=4, batch_size=16, refresh_every=2, noise_max_steps=20, noise_batch=16) | overrides
     eval_size, eval_every, heldout_size = 40, 2, 64
