@@ -1075,6 +1075,7 @@ forest_plot(paired, title='forest_plot(paired)');
 # the seconds-cheap versions.
 
 # %%
+#| notest
 study_images: list = [1000, 3000, 10000]  # test images per simulated study (the study: 1,000–10,000)
 study_diffs: list = [0.0, 0.005]  # true differences a − b (accuracy scale)
 reps: int = 1000  # simulated experiments per setting
