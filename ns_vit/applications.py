@@ -10,7 +10,7 @@ import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
-from .models import as_vit
+from .models import as_vit, eval_mode
 from .nullspace import (patch_size, patch_embed_matrix, project_to_nullspace, null_dims,
                               _numerical_rank, _check_img_size, _f64)
 
@@ -114,11 +114,9 @@ def blend_measures(model: nn.Module, image: Tensor, blended: Tensor, target: Ten
                box_min=blended.min().item(), box_max=blended.max().item(),
                box_violation=max(0.0, -blended.min().item(), blended.max().item() - 1))
     if not logits: return out
-    was = model.training; model.eval()
     dev, dt = next(model.parameters()).device, next(model.parameters()).dtype
     f = lambda a: torch.cat([model(a[i:i + batch_size].to(dev, dt)).float().cpu() for i in range(0, len(a), batch_size)])
-    l0, l1, l8 = f(image), f(blended), f(quantize8(blended))  # (B, classes)
-    model.train(was)
+    with eval_mode(model): l0, l1, l8 = f(image), f(blended), f(quantize8(blended))  # (B, classes)
     c = l0.argmax(1)  # the source's assigned class
     p0 = l0.softmax(1).gather(1, c[:, None])[:, 0]
     for k, l in (('', l1), ('8bit_', l8)):

@@ -12,7 +12,7 @@ from torch import nn, Tensor
 import torchattacks
 from torchattacks.attack import Attack
 from tqdm.auto import tqdm
-from .models import as_vit, model_device
+from .models import as_vit, model_device, eval_mode
 from .attention import record_attention, token_layout
 from .checks import check_images, check_model
 
@@ -291,21 +291,20 @@ def patch_fool(model: nn.Module, images: Tensor, labels: Tensor, num_patch: int 
     "Patch-Fool adversarial images (B, C, H, W) in [0, 1]; with `return_patches` also the patch indices (B, num_patch)."
     if loss not in ('attention', 'ce'): raise ValueError(f"loss must be 'attention' or 'ce', got {loss!r}")
     if pcgrad not in PCGRAD_MODES: raise ValueError(f'pcgrad must be one of {PCGRAD_MODES}, got {pcgrad!r}')
-    was_training = model.training; model.eval()
-    x, y = images.detach(), labels.to(images.device)
-    n_prefix = token_layout(model)[0]
-    sel_layer, loss_layers = default_attn_layers(model)
-    loss_layers = (attn_loss_layers if attn_loss_layers is not None else loss_layers) if loss == 'attention' else []
-    idx = select_patches(model, x, y, num_patch, select, sel_layer if attn_layer is None else attn_layer)
-    inside = patch_mask(model, idx)  # (B, 1, H, W)
-    mean, std = _norm_stats(model, x)
-    u = ((_init_replacement(x, inside, mild_linf, mild_l2) - mean) / std).requires_grad_(True)  # normalised units
-    opt = torch.optim.Adam([u], lr=lr); sched = torch.optim.lr_scheduler.StepLR(opt, step_size, gamma)
-    per = 1 / len(x) if pcgrad == 'original' else 1.0  # 'original': the original's batch means, else per-image sums
-    sparse = _SparseMask(inside, sparse_pixels, random_sparse, mask_stop, mask_lr, math.prod(patch_size(model)) * num_patch)
-    found = torch.zeros(len(x), dtype=torch.bool, device=x.device)  # images fooled at an iterate (stop_fooled)
-    found_adv = x.clone()
-    try:
+    with eval_mode(model):  # the caller's mode comes back on exit, also after an error
+        x, y = images.detach(), labels.to(images.device)
+        n_prefix = token_layout(model)[0]
+        sel_layer, loss_layers = default_attn_layers(model)
+        loss_layers = (attn_loss_layers if attn_loss_layers is not None else loss_layers) if loss == 'attention' else []
+        idx = select_patches(model, x, y, num_patch, select, sel_layer if attn_layer is None else attn_layer)
+        inside = patch_mask(model, idx)  # (B, 1, H, W)
+        mean, std = _norm_stats(model, x)
+        u = ((_init_replacement(x, inside, mild_linf, mild_l2) - mean) / std).requires_grad_(True)  # normalised units
+        opt = torch.optim.Adam([u], lr=lr); sched = torch.optim.lr_scheduler.StepLR(opt, step_size, gamma)
+        per = 1 / len(x) if pcgrad == 'original' else 1.0  # 'original': the original's batch means, else per-image sums
+        sparse = _SparseMask(inside, sparse_pixels, random_sparse, mask_stop, mask_lr, math.prod(patch_size(model)) * num_patch)
+        found = torch.zeros(len(x), dtype=torch.bool, device=x.device)  # images fooled at an iterate (stop_fooled)
+        found_adv = x.clone()
         with record_attention(model) as rec:
             for it in range(steps):
                 a = (~found).nonzero()[:, 0]  # images still attacked: each is computed on its own, so others leaving
@@ -323,10 +322,9 @@ def patch_fool(model: nn.Module, images: Tensor, labels: Tensor, num_patch: int 
                 opt.zero_grad(); u.grad = -grads[0]; opt.step(); sched.step()  # ascent
                 sparse.step(it, grads[1:])
                 u.data = (_project(mean + std * u.data, x, inside, mild_linf, mild_l2) - mean) / std
-    finally: model.train(was_training)
-    adv = (x + (mean + std * u.detach() - x) * sparse.mask(steps).detach()).clamp(0, 1)
-    adv[found] = found_adv[found]
-    return (adv, idx) if return_patches else adv
+        adv = (x + (mean + std * u.detach() - x) * sparse.mask(steps).detach()).clamp(0, 1)
+        adv[found] = found_adv[found]
+        return (adv, idx) if return_patches else adv
 
 # %% ../nbs/06a_attacks.ipynb #7e04770d
 _USES = {'fgsm': ('eps',), 'pgd': ('eps', 'steps', 'alpha'), 'tpgd': ('eps', 'steps', 'alpha'),
@@ -432,19 +430,17 @@ def run_attack(model: nn.Module, images: Tensor, labels: Tensor, attack: str, *,
     "Attack `images` (N, C, H, W) in [0, 1] with `attack` and `budget`: per-image outcome, accuracy, label, settings."
     check_model(model); check_images(images)
     s = attack_settings(model, attack, **budget) | {'seed': seed}
-    was_training, dev = model.training, model_device(model)
+    dev = model_device(model)
     out = {k: [] for k in ('clean', 'correct', 'linf', 'l2')}
-    with torch.random.fork_rng(devices=[dev] if dev.type == 'cuda' else []):
+    with torch.random.fork_rng(devices=[dev] if dev.type == 'cuda' else []), eval_mode(model):
         torch.manual_seed(seed)
-        model.eval(); fn = _attack_fn(model, s)
-        try:
-            for i in tqdm(range(0, len(images), batch_size), desc=attack, disable=quiet, leave=False):
-                x, y = images[i:i + batch_size].to(dev), labels[i:i + batch_size].to(dev)
-                adv = fn(x, y).detach()
-                with torch.no_grad(): pc, pa = model(x).argmax(1), model(adv).argmax(1)
-                d = (adv - x).flatten(1)  # (B, C·H·W)
-                for k, v in zip(out, (pc == y, pa == y, d.abs().amax(1), d.norm(dim=1))): out[k].append(v.cpu())
-        finally: model.train(was_training)
+        fn = _attack_fn(model, s)
+        for i in tqdm(range(0, len(images), batch_size), desc=attack, disable=quiet, leave=False):
+            x, y = images[i:i + batch_size].to(dev), labels[i:i + batch_size].to(dev)
+            adv = fn(x, y).detach()
+            with torch.no_grad(): pc, pa = model(x).argmax(1), model(adv).argmax(1)
+            d = (adv - x).flatten(1)  # (B, C·H·W)
+            for k, v in zip(out, (pc == y, pa == y, d.abs().amax(1), d.norm(dim=1))): out[k].append(v.cpu())
     return _summary(model, s, *(torch.cat(v) for v in out.values()))
 
 def adversarial_accuracy(model: nn.Module, images: Tensor, labels: Tensor, attack: str = 'pgd', *, batch_size: int = 250,

@@ -18,9 +18,8 @@ from tqdm.auto import tqdm
 import ns_vit
 from .data import UInt8Images, cifar10, cache_dir, repo_root
 from .training import atomic_save
-from .models import CIFAR10_MEAN, CIFAR10_STD, accuracy, model_device, read_state_dict, weights_digest
+from .models import CIFAR10_MEAN, CIFAR10_STD, accuracy, model_device, read_state_dict, weights_digest, frozen
 from .pretrain import TrainConfig, train_classifier
-from .noise import frozen
 from .cache import cached, content_digest
 
 # %% auto #0

@@ -12,9 +12,8 @@ import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from scipy.stats import rankdata
-from .models import as_vit
+from .models import as_vit, frozen
 from .attention import record_attention, token_layout
-from .noise import frozen
 
 # %% auto #0
 __all__ = ['frozen_eval', 'CAM_METHODS', 'PIXEL_METHODS', 'TOKEN_METHODS', 'METHODS', 'INVARIANT_METHODS',
@@ -40,7 +39,7 @@ def token_relevance(R: Tensor,  # (B, T, T) token-to-token relevance, rows = out
     return R[:, output_rows(model), npre:].mean(1)  # (B, N)
 
 # %% ../nbs/10a_explain.ipynb #db7a6826
-frozen_eval = frozen  # eval mode, no parameter gradients, both restored on exit (its one home: `ns_vit.noise.frozen`)
+frozen_eval = frozen  # eval mode, no parameter gradients, both restored on exit (its one home: `ns_vit.models.frozen`)
 
 def resolve_target(model: nn.Module, x: Tensor, target: int | Tensor | None = None) -> Tensor:
     "Class index per image (B,): `target` broadcast, or the predicted class (eval mode) when None."

@@ -16,8 +16,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 from .data import augment
 from .training import atomic_save, cosine_lr, seed_of, rank_world, step_batches, gather
-from .models import PixelViT, model_device
-from .noise import eps_noise, gaussian_like, embedding_noise, embed_forward, prob_change, frozen
+from .models import PixelViT, model_device, frozen
+from .noise import eps_noise, gaussian_like, embedding_noise, embed_forward, prob_change
 from .attacks import make_attack
 
 

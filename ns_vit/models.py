@@ -20,8 +20,8 @@ from .checks import check_images
 __all__ = ['DEFAULT_ARCH', 'DEFAULT_ARCH_KWARGS', 'CIFAR10_MEAN', 'CIFAR10_STD', 'DEFAULT_CHECKPOINT', 'EMBEDDED_MODELS',
            'PixelViT', 'math_attention', 'check_vit', 'as_vit', 'read_state_dict', 'split_normalizer',
            'load_vit_weights', 'create_vit', 'model_card', 'weights_digest', 'save_checkpoint', 'load_checkpoint',
-           'embedded_vit', 'default_vit', 'load_embedded_model', 'load_default_model', 'model_device', 'predict',
-           'accuracy', 'get_model', 'experiment_model']
+           'embedded_vit', 'default_vit', 'load_embedded_model', 'load_default_model', 'eval_mode', 'frozen',
+           'model_device', 'predict', 'accuracy', 'get_model', 'experiment_model']
 
 # %% ../nbs/01_models.ipynb #40cc385a
 class PixelViT(nn.Module):
@@ -217,6 +217,26 @@ def load_default_model(path: str | Path | None = None, map_location='cpu') -> Pi
     return load_embedded_model('default', path, map_location)
 
 
+# %% ../nbs/01_models.ipynb #d90ad597
+@contextmanager
+def eval_mode(model: nn.Module):
+    "Within the context `model` is in eval mode; on exit, also after an error, each of its modules is back in its own mode."
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try: yield model
+    finally:
+        for m, t in modes: m.train(t)
+
+@contextmanager
+def frozen(model: nn.Module):
+    "`eval_mode` and no parameter gradients inside the context; restores both after, also after an error."
+    flags = [p.requires_grad for p in model.parameters()]
+    with eval_mode(model):
+        for p in model.parameters(): p.requires_grad_(False)
+        try: yield model
+        finally:
+            for p, f in zip(model.parameters(), flags): p.requires_grad_(f)
+
 # %% ../nbs/01_models.ipynb #805e1ac3
 def model_device(model: nn.Module) -> torch.device:
     "The device of `model`'s parameters."
@@ -225,11 +245,9 @@ def model_device(model: nn.Module) -> torch.device:
 @torch.no_grad()
 def predict(model: nn.Module, images: Tensor, batch_size: int = 500) -> Tensor:
     "Logits of `model` (eval mode) on images (N, C, H, W) in [0, 1], batched, returned on CPU."
-    was_training = model.training; model.eval()
     dev = model_device(model)
-    out = torch.cat([model(images[i:i + batch_size].to(dev)).float().cpu() for i in range(0, len(images), batch_size)])
-    model.train(was_training)
-    return out  # (N, num_classes)
+    with eval_mode(model):
+        return torch.cat([model(images[i:i + batch_size].to(dev)).float().cpu() for i in range(0, len(images), batch_size)])  # (N, K)
 
 def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 500) -> float:
     "Top-1 accuracy of `model` on (images, labels)."

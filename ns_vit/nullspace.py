@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
-from .models import PixelViT, as_vit, check_vit
+from .models import PixelViT, as_vit, check_vit, eval_mode
 
 # %% auto #0
 __all__ = ['OPPONENT_COLOURS', 'patch_size', 'patch_embed_matrix', 'patch_embed_nullspace', 'null_dims', 'nullspace_noise',
@@ -86,11 +86,9 @@ def nullspace_noise(model: nn.Module,
 @torch.no_grad()
 def logit_change(model: nn.Module, x: Tensor, noise: Tensor) -> dict:
     "How much adding `noise` (unclipped) to images `x` moves the logits: max |Δlogit|, max |logit|, ratio, flips."
-    was_training = model.training; model.eval()
     p = next(model.parameters())
     x, noise = x.to(p.device, p.dtype), noise.to(p.device, p.dtype)
-    l0, l1 = model(x), model(x + noise)  # (B, num_classes)
-    model.train(was_training)
+    with eval_mode(model): l0, l1 = model(x), model(x + noise)  # (B, num_classes)
     d, m = (l1 - l0).abs().max().item(), l0.abs().max().item()
     return dict(max_abs_dlogit=d, max_abs_logit=m, rel_err=d / m, pred_flips=int((l0.argmax(1) != l1.argmax(1)).sum()))
 

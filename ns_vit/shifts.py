@@ -17,9 +17,8 @@ from torch.utils.data import Dataset, DataLoader
 from tqdm.auto import tqdm
 import pandas as pd
 from .data import CIFAR10_CLASSES, pixel_transform, image_folder
-from .models import model_device, PixelViT, as_vit
+from .models import model_device, PixelViT, as_vit, frozen
 from .stats import accuracy_ci, mcnemar
-from .noise import frozen
 
 # %% auto #0
 __all__ = ['SOURCES', 'STL10_CLASSES', 'STL10_TO_CIFAR10', 'SHIFTS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'imagenet_wnids',

@@ -17,6 +17,8 @@ Cases and where each is tested:
   entry cannot be written (read-only, full disk) is returned with a warning naming the path (nbs/01c_cache.ipynb).
 - `damagenet.train_surrogate` failed with NameError (hashlib) when called without a state path, as the "surrogate
   weights not found" error tells users to -> runs (nbs/06d_damagenet.ipynb); pyflakes runs in .ci/run (`make lint`).
+- `evaluate` left a model in eval mode, and Patch-Fool did not restore the mode when an error ended it -> every
+  temporary eval mode is `models.eval_mode`, restored in `finally` (here; the context manager: nbs/01_models.ipynb).
 """
 import pytest
 import torch
@@ -42,3 +44,25 @@ def test_evaluate_refuses_other_class_count():
         evaluate(create_vit(ARCH, num_classes=100, **TINY), 'clean', n=5, quiet=True)
     with pytest.raises(ValueError, match='the model predicts 10 classes but ImageNet has 1000'):
         evaluate(create_vit(ARCH, num_classes=10, **TINY), 'imagenet', quiet=True)
+
+
+def test_evaluate_and_attacks_restore_the_callers_mode(tmp_path, monkeypatch):
+    "A model in train mode comes back in train mode from `evaluate` and the attacks, also when an error ends them (issue 28)."
+    from ns_vit.attacks import patch_fool, run_attack
+    from ns_vit.evaluate import evaluate
+    from ns_vit.models import create_vit
+    monkeypatch.setenv('NS_VIT_CACHE', str(tmp_path))
+    torch.manual_seed(0)
+    m = create_vit(ARCH, num_classes=10, **TINY).train()
+    x, y = torch.rand(4, 3, 32, 32), torch.arange(4)
+    assert evaluate(m, 'clean', n=8, cache=False, quiet=True).n.tolist() == [8] and m.training
+    assert run_attack(m, x, y, 'pgd', eps=1 / 255, steps=2)['label'] and m.training
+    def boom(*_): raise RuntimeError('raised inside the forward')
+    hook = m.vit.head.register_forward_hook(boom)
+    try:
+        for call in (lambda: evaluate(m, 'clean', n=8, cache=False, quiet=True),
+                     lambda: run_attack(m, x, y, 'pgd', eps=1 / 255, steps=2),
+                     lambda: patch_fool(m, x, y, steps=2)):
+            with pytest.raises(RuntimeError, match='raised inside the forward'): call()
+            assert all(k.training for k in m.modules())
+    finally: hook.remove()

@@ -336,6 +336,47 @@ test_fail(lambda: embedded_vit('vit-huge'), contains='choose from')
 
 
 # %% [markdown]
+# ## Modes for a while
+# Code that needs a model in eval mode for a while (predictions, attacks, evaluations, nullspace checks) uses
+# `eval_mode`, which puts it back in the mode it was in, each submodule as it was, when the context ends, also when an
+# error ends it. `frozen` adds frozen weights (no parameter gradients) for code that differentiates through a model
+# it must not train (learning a noise, saliency maps).
+
+# %%
+#| export
+@contextmanager
+def eval_mode(model: nn.Module):
+    "Within the context `model` is in eval mode; on exit, also after an error, each of its modules is back in its own mode."
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try: yield model
+    finally:
+        for m, t in modes: m.train(t)
+
+@contextmanager
+def frozen(model: nn.Module):
+    "`eval_mode` and no parameter gradients inside the context; restores both after, also after an error."
+    flags = [p.requires_grad for p in model.parameters()]
+    with eval_mode(model):
+        for p in model.parameters(): p.requires_grad_(False)
+        try: yield model
+        finally:
+            for p, f in zip(model.parameters(), flags): p.requires_grad_(f)
+
+
+# %%
+_t = default_vit().train(); _t.vit.blocks[0].eval()  # a model in train mode with one block in eval mode
+with eval_mode(_t): test_eq({m.training for m in _t.modules()}, {False})
+test_eq(_t.training, True); test_eq(_t.vit.blocks[0].training, False); test_eq(_t.vit.blocks[1].training, True)  # each as it was
+def _fails():
+    with eval_mode(_t): raise RuntimeError('inside')
+test_fail(_fails, contains='inside'); test_eq(_t.training, True)  # restored after an error too
+_t.vit.head.weight.requires_grad_(False)
+with frozen(_t): test_eq(_t.training or any(p.requires_grad for p in _t.parameters()), False)
+test_eq(_t.training, True); test_eq(_t.vit.head.weight.requires_grad, False); test_eq(_t.vit.head.bias.requires_grad, True)
+
+
+# %% [markdown]
 # ## Predictions and accuracy
 # Batched, no-grad, device-agnostic helpers used by every experiment.
 
@@ -348,11 +389,9 @@ def model_device(model: nn.Module) -> torch.device:
 @torch.no_grad()
 def predict(model: nn.Module, images: Tensor, batch_size: int = 500) -> Tensor:
     "Logits of `model` (eval mode) on images (N, C, H, W) in [0, 1], batched, returned on CPU."
-    was_training = model.training; model.eval()
     dev = model_device(model)
-    out = torch.cat([model(images[i:i + batch_size].to(dev)).float().cpu() for i in range(0, len(images), batch_size)])
-    model.train(was_training)
-    return out  # (N, num_classes)
+    with eval_mode(model):
+        return torch.cat([model(images[i:i + batch_size].to(dev)).float().cpu() for i in range(0, len(images), batch_size)])  # (N, K)
 
 def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 500) -> float:
     "Top-1 accuracy of `model` on (images, labels)."
@@ -361,7 +400,8 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int =
 
 
 # %%
-test_eq(predict(d0, torch.rand(7, 3, 32, 32), batch_size=3).shape, (7, 10))
+test_eq(predict(d0.train(), torch.rand(7, 3, 32, 32), batch_size=3).shape, (7, 10)); test_eq(d0.training, True)  # mode kept
+d0.eval();
 _a = accuracy(d0, torch.rand(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)); assert 0 <= _a <= 1
 
 

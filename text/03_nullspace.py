@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
-from ns_vit.models import PixelViT, as_vit, check_vit
+from ns_vit.models import PixelViT, as_vit, check_vit, eval_mode
 
 # %%
 #| hide
@@ -205,11 +205,9 @@ test_fail(lambda: nullspace_noise(_full), contains='no nullspace')
 @torch.no_grad()
 def logit_change(model: nn.Module, x: Tensor, noise: Tensor) -> dict:
     "How much adding `noise` (unclipped) to images `x` moves the logits: max |Δlogit|, max |logit|, ratio, flips."
-    was_training = model.training; model.eval()
     p = next(model.parameters())
     x, noise = x.to(p.device, p.dtype), noise.to(p.device, p.dtype)
-    l0, l1 = model(x), model(x + noise)  # (B, num_classes)
-    model.train(was_training)
+    with eval_mode(model): l0, l1 = model(x), model(x + noise)  # (B, num_classes)
     d, m = (l1 - l0).abs().max().item(), l0.abs().max().item()
     return dict(max_abs_dlogit=d, max_abs_logit=m, rel_err=d / m, pred_flips=int((l0.argmax(1) != l1.argmax(1)).sum()))
 

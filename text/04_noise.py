@@ -19,8 +19,9 @@ import torch
 from torch import nn, Tensor
 import torch.distributed as dist
 from tqdm.auto import tqdm
-from ns_vit.models import as_vit, model_device
+from ns_vit.models import as_vit, model_device, eval_mode, frozen  # `frozen` re-exported here (`_all_`)
 from ns_vit.checks import check_images, check_model
+_all_ = ['frozen']
 
 # %%
 #| hide
@@ -95,11 +96,11 @@ def prob_change(p_clean: Tensor, p_noisy: Tensor) -> dict[str, Tensor]:
 def noise_influence(model: nn.Module, images: Tensor, delta: Tensor | None, batch_size: int = 500) -> dict[str, float]:
     "Mean `match`, `mse_prob`, `mse_conf` of `delta` over `images`, plus the noise norm."
     check_model(model); check_images(images)
-    model.eval(); dev = model_device(model)
-    parts = []
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(dev)
-        parts.append(prob_change(model(x).softmax(1), embed_forward(model, x, delta).softmax(1)))
+    dev, parts = model_device(model), []
+    with eval_mode(model):
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size].to(dev)
+            parts.append(prob_change(model(x).softmax(1), embed_forward(model, x, delta).softmax(1)))
     out = {k: torch.cat([p[k] for p in parts]).mean().item() for k in parts[0]}
     return out | dict(norm=0.0 if delta is None else delta.norm().item())
 
@@ -119,21 +120,10 @@ assert inf1['mse_prob'] > 0 and inf1['mse_conf'] > 0 and 0 <= inf1['match'] <= 1
 # %% [markdown]
 # ## Learning approximate nullspace noise (Eq. 4)
 # From a uniform start U(−lim, lim), minimise the mean distance between the logits with and without δ minus λ·log‖δ‖:
-# the first term keeps the output, the second pushes the noise to be large. The model is frozen.
+# the first term keeps the output, the second pushes the noise to be large. The model is frozen (`models.frozen`).
 
 # %%
 #| export
-@contextmanager
-def frozen(model: nn.Module):
-    "Eval mode and no parameter gradients inside the context; restores both after."
-    was_training, flags = model.training, [p.requires_grad for p in model.parameters()]
-    model.eval()
-    for p in model.parameters(): p.requires_grad_(False)
-    try: yield model
-    finally:
-        model.train(was_training)
-        for p, f in zip(model.parameters(), flags): p.requires_grad_(f)
-
 def init_noise(model: nn.Module, lim: float, generator: torch.Generator | None = None) -> Tensor:
     "A noise (1, N, D) drawn from U(−lim, lim) on the model's device."
     N, D = embed_shape(model)

@@ -25,8 +25,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 from ns_vit.data import augment
 from ns_vit.training import atomic_save, cosine_lr, seed_of, rank_world, step_batches, gather
-from ns_vit.models import PixelViT, model_device
-from ns_vit.noise import eps_noise, gaussian_like, embedding_noise, embed_forward, prob_change, frozen
+from ns_vit.models import PixelViT, model_device, frozen
+from ns_vit.noise import eps_noise, gaussian_like, embedding_noise, embed_forward, prob_change
 from ns_vit.attacks import make_attack
 
 

@@ -23,7 +23,7 @@ from torch import nn, Tensor
 from tqdm.auto import tqdm
 from ns_vit.data import cifar10, cache_dir, image_folder
 from ns_vit.cache import cached, content_digest, file_digest, folder_digest
-from ns_vit.models import predict, get_model, as_vit, weights_digest
+from ns_vit.models import predict, get_model, as_vit, weights_digest, eval_mode
 from ns_vit.checks import check_model
 from ns_vit.training import atomic_save
 from ns_vit.stats import accuracy_ci, mcnemar, mean_ci, fmt_ci, paired_shares
@@ -292,30 +292,30 @@ def evaluate(model: nn.Module, suite: str | list[str] = 'cifar10', n: int | dict
     for s in CIFAR10_SHIFTS:  # shifted CIFAR-10 test sets join the CIFAR suite when the user has them
         if s in data: metrics[s] = Metric('shift', None, {'shift': s}, SHIFTS[s].loader.__name__, needs=s)
     digest, rows, correct, cells = model_digest(model), [], PerImage(), PerImage()
-    model.eval()
-    for name, m in (bar := tqdm(metrics.items(), desc='evaluate', disable=quiet)):
-        bar.set_postfix_str(name)
-        k = n.get(name, m.n) if isinstance(n, dict) else (min(n, m.n) if n and m.n else n or m.n)
-        if m.needs and m.needs not in data:
-            rows.append(dict(metric=name, label=m.label or name, value=float('nan'), n=0, ci_low=float('nan'),
-                             ci_high=float('nan'), settings=json.dumps(m.settings), note=f'no data: pass data={{{m.needs!r}: <folder>}}'))
-            continue
-        t0 = time.time()
-        data_digest, inputs = _inputs(name, m, k, data, seed, quiet)
-        meta = dict(version=EVAL_VERSION, model=digest, metric=name, kind=m.kind, settings=m.settings, n=k, seed=seed,
-                    data=data_digest, code=file_digest(ns_vit.attacks.__file__)[:16] if m.kind == 'attack' else '')
-        score = lambda: _score(model, name, m, k, data, seed, batch_size, quiet, inputs)
-        r, hit = _eval_cached(meta, score) if cache else (score(), False)
-        c = r['correct']
-        ci = accuracy_ci(c) if c.dtype == torch.bool else mean_ci(c.float().numpy())
-        ci['ci_low'], ci['ci_high'] = max(0.0, ci['ci_low']), min(1.0, ci['ci_high'])  # a t-interval can leave [0, 1]
-        extras = {q: v for q, v in r.items() if isinstance(v, (int, float, str)) and
-                  q not in ('label', 'settings', 'n', 'accuracy', 'adv_accuracy', 'value')}
-        rows.append(dict(metric=name, label=r.get('label') or m.label or name, value=ci['value'], n=ci['n'],
-                         ci_low=ci['ci_low'], ci_high=ci['ci_high'], settings=json.dumps(r.get('settings', m.settings), default=str),
-                         seconds=round(time.time() - t0, 1), cached=hit, **extras))
-        correct[name] = c
-        if 'cells_correct' in r: cells[name] = r['cells_correct']  # (cells, n) bool: paired tests per cell
+    with eval_mode(model):  # the caller's mode comes back on exit, also after an error
+        for name, m in (bar := tqdm(metrics.items(), desc='evaluate', disable=quiet)):
+            bar.set_postfix_str(name)
+            k = n.get(name, m.n) if isinstance(n, dict) else (min(n, m.n) if n and m.n else n or m.n)
+            if m.needs and m.needs not in data:
+                rows.append(dict(metric=name, label=m.label or name, value=float('nan'), n=0, ci_low=float('nan'),
+                                 ci_high=float('nan'), settings=json.dumps(m.settings), note=f'no data: pass data={{{m.needs!r}: <folder>}}'))
+                continue
+            t0 = time.time()
+            data_digest, inputs = _inputs(name, m, k, data, seed, quiet)
+            meta = dict(version=EVAL_VERSION, model=digest, metric=name, kind=m.kind, settings=m.settings, n=k, seed=seed,
+                        data=data_digest, code=file_digest(ns_vit.attacks.__file__)[:16] if m.kind == 'attack' else '')
+            score = lambda: _score(model, name, m, k, data, seed, batch_size, quiet, inputs)
+            r, hit = _eval_cached(meta, score) if cache else (score(), False)
+            c = r['correct']
+            ci = accuracy_ci(c) if c.dtype == torch.bool else mean_ci(c.float().numpy())
+            ci['ci_low'], ci['ci_high'] = max(0.0, ci['ci_low']), min(1.0, ci['ci_high'])  # a t-interval can leave [0, 1]
+            extras = {q: v for q, v in r.items() if isinstance(v, (int, float, str)) and
+                      q not in ('label', 'settings', 'n', 'accuracy', 'adv_accuracy', 'value')}
+            rows.append(dict(metric=name, label=r.get('label') or m.label or name, value=ci['value'], n=ci['n'],
+                             ci_low=ci['ci_low'], ci_high=ci['ci_high'], settings=json.dumps(r.get('settings', m.settings), default=str),
+                             seconds=round(time.time() - t0, 1), cached=hit, **extras))
+            correct[name] = c
+            if 'cells_correct' in r: cells[name] = r['cells_correct']  # (cells, n) bool: paired tests per cell
     df = pd.DataFrame(rows)
     df.attrs['correct'], df.attrs['cells_correct'] = correct, cells
     return df

@@ -27,9 +27,8 @@ from torch.utils.data import Dataset, DataLoader
 from tqdm.auto import tqdm
 import pandas as pd
 from ns_vit.data import CIFAR10_CLASSES, pixel_transform, image_folder
-from ns_vit.models import model_device, PixelViT, as_vit
+from ns_vit.models import model_device, PixelViT, as_vit, frozen
 from ns_vit.stats import accuracy_ci, mcnemar
-from ns_vit.noise import frozen
 
 # %%
 from fastcore.test import test_eq, test_close, test_fail

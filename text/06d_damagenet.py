@@ -27,9 +27,8 @@ from tqdm.auto import tqdm
 import ns_vit
 from ns_vit.data import UInt8Images, cifar10, cache_dir, repo_root
 from ns_vit.training import atomic_save
-from ns_vit.models import CIFAR10_MEAN, CIFAR10_STD, accuracy, model_device, read_state_dict, weights_digest
+from ns_vit.models import CIFAR10_MEAN, CIFAR10_STD, accuracy, model_device, read_state_dict, weights_digest, frozen
 from ns_vit.pretrain import TrainConfig, train_classifier
-from ns_vit.noise import frozen
 from ns_vit.cache import cached, content_digest
 
 # %%

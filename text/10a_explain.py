@@ -16,9 +16,8 @@ import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from scipy.stats import rankdata
-from ns_vit.models import as_vit
+from ns_vit.models import as_vit, frozen
 from ns_vit.attention import record_attention, token_layout
-from ns_vit.noise import frozen
 
 # %%
 from fastcore.test import test_eq, test_close, test_fail
@@ -102,7 +101,7 @@ test_fail(lambda: output_rows(tiny(global_pool='max')), contains="not 'max'")
 
 # %%
 #| export
-frozen_eval = frozen  # eval mode, no parameter gradients, both restored on exit (its one home: `ns_vit.noise.frozen`)
+frozen_eval = frozen  # eval mode, no parameter gradients, both restored on exit (its one home: `ns_vit.models.frozen`)
 
 def resolve_target(model: nn.Module, x: Tensor, target: int | Tensor | None = None) -> Tensor:
     "Class index per image (B,): `target` broadcast, or the predicted class (eval mode) when None."
