@@ -12,15 +12,16 @@ from torch import nn, Tensor
 import torchattacks
 from torchattacks.attack import Attack
 from tqdm.auto import tqdm
-from .models import as_vit, model_device, eval_mode
-from .attention import record_attention, token_layout
+from .models import as_vit, model_device, eval_mode, num_classes, patch_size, token_layout  # `num_classes`, `patch_size` re-exported here (`_all_`)
+from .attention import record_attention
 from .checks import check_images, check_model
+_all_ = ['num_classes', 'patch_size']
 
 # %% auto #0
 __all__ = ['ABORT_TOL', 'ATTACKS', 'PCGRAD_MODES', 'LINF_ATTACKS', 'ATTACK_PRESETS', 'margin', 'fmt_eps', 'default_alpha',
-           'CWSearch', 'cw_l2_search', 'CWL2', 'CWInf', 'num_classes', 'make_attack', 'patch_size', 'patch_mask',
-           'default_attn_layers', 'select_patches', 'patch_fool', 'attack_settings', 'attack_label', 'run_attack',
-           'adversarial_accuracy']
+           'CWSearch', 'cw_l2_search', 'CWL2', 'CWInf', 'make_attack', 'patch_mask', 'default_attn_layers',
+           'select_patches', 'patch_fool', 'attack_settings', 'attack_label', 'run_attack', 'adversarial_accuracy',
+           'num_classes', 'patch_size']
 
 # %% ../nbs/06a_attacks.ipynb #96629146
 def margin(logits: Tensor, labels: Tensor) -> Tensor:
@@ -129,10 +130,6 @@ class CWInf(Attack):
 # %% ../nbs/06a_attacks.ipynb #cf3c08d7
 ATTACKS = ('fgsm', 'pgd', 'tpgd', 'cw', 'cw_torchattacks', 'cw_inf', 'autoattack')
 
-def num_classes(model: nn.Module) -> int:
-    "Number of classes of the ViT inside `model`."
-    return as_vit(model).num_classes
-
 def _autoattack(model: nn.Module, eps: float, norm: str, version: str, n_classes: int, seed: int, steps: int,
                 n_target_classes: int, n_queries: int) -> Attack:
     "torchattacks.AutoAttack with its inner attacks' iterations, target classes and queries set explicitly."
@@ -167,10 +164,6 @@ def make_attack(model: nn.Module, attack: str, eps: float = 8 / 255, steps: int 
     raise ValueError(f'unknown attack {attack!r}; choose from {", ".join(ATTACKS)} (or run_attack(..., "patch_fool"))')
 
 # %% ../nbs/06a_attacks.ipynb #f2d73889
-def patch_size(model: nn.Module) -> tuple[int, int]:
-    "Pixel size (h, w) of one patch of the ViT inside `model`."
-    return tuple(as_vit(model).patch_embed.patch_size)
-
 def patch_mask(model: nn.Module, idx: Tensor) -> Tensor:
     "Pixel mask (B, 1, H, W): 1 on the patches with flat row-major indices `idx` (B, k) of `model`'s patch grid."
     (gh, gw), (ph, pw) = token_layout(model)[1], patch_size(model)

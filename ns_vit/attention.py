@@ -8,7 +8,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 from torch import nn, Tensor
-from .models import as_vit
+from .models import as_vit, token_layout  # `token_layout` re-exported here (`_all_`)
+_all_ = ['token_layout']
 
 # %% auto #0
 __all__ = ['AttentionRecord', 'record_attention', 'token_layout']
@@ -44,9 +45,3 @@ def record_attention(model: nn.Module, retain_grad: bool = False) -> Iterator[At
     finally:
         for h in handles: h.remove()
         for m, f in zip(mods, fused): m.fused_attn = f
-
-# %% ../nbs/01a_attention.ipynb #63fafbc6
-def token_layout(model: nn.Module) -> tuple[int, tuple[int, int]]:
-    "(number of prefix tokens: class + register, patch grid (h, w)) of the ViT inside `model`."
-    vit = as_vit(model)
-    return vit.num_prefix_tokens, tuple(vit.patch_embed.grid_size)

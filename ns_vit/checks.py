@@ -45,8 +45,10 @@ def check_images(x: Tensor,  # images: float (B, C, H, W) in [0, 1]
 
 # %% ../nbs/01d_checks.ipynb #551fad21
 def model_classes(model: nn.Module) -> int | None:
-    "The number of classes `model` predicts (timm's `num_classes` of the ViT inside), or None where it does not say."
-    return getattr(getattr(model, 'vit', model), 'num_classes', None)
+    "The number of classes `model` predicts (`models.num_classes` of the ViT inside), or None for a model that is not a ViT."
+    from ns_vit.models import num_classes  # here, not at the top: `models` imports `check_images` from this module
+    try: return num_classes(model)
+    except TypeError: return None
 
 def check_model(model: nn.Module,  # an ns_vit model
                 num_classes: int | None = None,  # the classes of the data it will be scored on; None: not checked

@@ -12,8 +12,8 @@ import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from scipy.stats import rankdata
-from .models import as_vit, frozen
-from .attention import record_attention, token_layout
+from .models import as_vit, frozen, token_layout
+from .attention import record_attention
 
 # %% auto #0
 __all__ = ['frozen_eval', 'CAM_METHODS', 'PIXEL_METHODS', 'TOKEN_METHODS', 'METHODS', 'INVARIANT_METHODS',
@@ -25,7 +25,7 @@ __all__ = ['frozen_eval', 'CAM_METHODS', 'PIXEL_METHODS', 'TOKEN_METHODS', 'METH
 def output_rows(model: nn.Module) -> slice:
     "The token rows whose last-block output the classifier head reads: the class token, or the pooled tokens."
     vit = as_vit(model)
-    pool, npre = getattr(vit, 'global_pool', 'token'), vit.num_prefix_tokens
+    pool, npre = getattr(vit, 'global_pool', 'token'), token_layout(model)[0]
     if getattr(vit, 'attn_pool', None) is not None or pool not in ('token', 'avg'):
         raise NotImplementedError(f"saliency handles global_pool 'token' or 'avg', not {pool!r} (attention/max "
                                   'pooling mixes tokens non-linearly after the last block)')

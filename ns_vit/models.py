@@ -18,10 +18,11 @@ from .checks import check_images
 
 # %% auto #0
 __all__ = ['DEFAULT_ARCH', 'DEFAULT_ARCH_KWARGS', 'CIFAR10_MEAN', 'CIFAR10_STD', 'DEFAULT_CHECKPOINT', 'EMBEDDED_MODELS',
-           'PixelViT', 'math_attention', 'check_vit', 'as_vit', 'read_state_dict', 'split_normalizer',
-           'load_vit_weights', 'create_vit', 'model_card', 'weights_digest', 'save_checkpoint', 'load_checkpoint',
-           'embedded_vit', 'default_vit', 'load_embedded_model', 'load_default_model', 'eval_mode', 'frozen',
-           'model_device', 'predict', 'accuracy', 'get_model', 'experiment_model']
+           'PixelViT', 'math_attention', 'check_vit', 'as_vit', 'patch_size', 'token_layout', 'embed_shape',
+           'num_classes', 'input_size', 'in_chans', 'read_state_dict', 'split_normalizer', 'load_vit_weights',
+           'create_vit', 'model_card', 'weights_digest', 'save_checkpoint', 'load_checkpoint', 'embedded_vit',
+           'default_vit', 'load_embedded_model', 'load_default_model', 'eval_mode', 'frozen', 'model_device', 'predict',
+           'accuracy', 'get_model', 'experiment_model']
 
 # %% ../nbs/01_models.ipynb #40cc385a
 class PixelViT(nn.Module):
@@ -66,6 +67,34 @@ def check_vit(vit: nn.Module) -> nn.Module:
 def as_vit(model: nn.Module) -> nn.Module:
     "The timm VisionTransformer inside `model` (a `PixelViT` or a bare ViT)."
     return model.vit if isinstance(model, PixelViT) else check_vit(model)
+
+# %% ../nbs/01_models.ipynb #906a374b
+def patch_size(model: nn.Module) -> tuple[int, int]:
+    "Pixel size (h, w) of one patch: the kernel of the patch embedding of the ViT inside `model`."
+    return tuple(check_vit(as_vit(model)).patch_embed.proj.kernel_size)
+
+def token_layout(model: nn.Module) -> tuple[int, tuple[int, int]]:
+    "(number of prefix tokens: class + register, patch grid (h, w)) of the ViT inside `model`."
+    vit = as_vit(model)
+    return vit.num_prefix_tokens, tuple(vit.patch_embed.grid_size)
+
+def embed_shape(model: nn.Module) -> tuple[int, int]:
+    "(N, D): number of patch tokens and embedding width of the ViT inside `model`."
+    vit = as_vit(model)
+    return vit.patch_embed.num_patches, vit.embed_dim
+
+def num_classes(model: nn.Module) -> int:
+    "Number of classes the ViT inside `model` predicts."
+    return as_vit(model).num_classes
+
+def input_size(model: nn.Module) -> tuple[int, int] | None:
+    "The (H, W) input resolution of the ViT inside `model`; None when it takes any size."
+    size = as_vit(model).patch_embed.img_size
+    return None if size is None else tuple(size)
+
+def in_chans(model: nn.Module) -> int:
+    "Number of image channels the patch embedding of the ViT inside `model` reads."
+    return check_vit(as_vit(model)).patch_embed.proj.in_channels
 
 # %% ../nbs/01_models.ipynb #e2039641
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:

@@ -11,20 +11,15 @@ import torch
 from torch import nn, Tensor
 import torch.distributed as dist
 from tqdm.auto import tqdm
-from .models import as_vit, model_device, eval_mode, frozen  # `frozen` re-exported here (`_all_`)
+from .models import as_vit, model_device, eval_mode, frozen, embed_shape  # `frozen`, `embed_shape` re-exported here (`_all_`)
 from .checks import check_images, check_model
-_all_ = ['frozen']
+_all_ = ['frozen', 'embed_shape']
 
 # %% auto #0
-__all__ = ['embed_shape', 'embedding_noise', 'embed_forward', 'prob_change', 'noise_influence', 'init_noise', 'synthesize_noise',
-           'permute_noise', 'gaussian_like', 'eps_noise', 'frozen']
+__all__ = ['embedding_noise', 'embed_forward', 'prob_change', 'noise_influence', 'init_noise', 'synthesize_noise',
+           'permute_noise', 'gaussian_like', 'eps_noise', 'frozen', 'embed_shape']
 
 # %% ../nbs/04_noise.ipynb #b85467da
-def embed_shape(model: nn.Module) -> tuple[int, int]:
-    "(N, D): number of patch tokens and embedding width of `model`."
-    vit = as_vit(model)
-    return vit.patch_embed.num_patches, vit.embed_dim
-
 @contextmanager
 def embedding_noise(model: nn.Module, delta: Tensor | None):
     "Within this context, `model` adds `delta` (1 or B, N, D) to its patch embeddings."

@@ -7,20 +7,17 @@ from __future__ import annotations
 import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
-from .models import PixelViT, as_vit, check_vit, eval_mode
+from .models import PixelViT, as_vit, check_vit, eval_mode, patch_size, in_chans, input_size  # `patch_size` re-exported here (`_all_`)
+_all_ = ['patch_size']
 
 # %% auto #0
-__all__ = ['OPPONENT_COLOURS', 'patch_size', 'patch_embed_matrix', 'patch_embed_nullspace', 'null_dims', 'nullspace_noise',
-           'logit_change', 'project_to_nullspace', 'dct_basis', 'null_spectrum']
+__all__ = ['OPPONENT_COLOURS', 'patch_embed_matrix', 'patch_embed_nullspace', 'null_dims', 'nullspace_noise', 'logit_change',
+           'project_to_nullspace', 'dct_basis', 'null_spectrum', 'patch_size']
 
 # %% ../nbs/03_nullspace.ipynb #857aa46c
 def _f64(device: torch.device) -> torch.dtype:
     "float64 where the device has it (not on Apple MPS)."
     return torch.float32 if torch.device(device).type == 'mps' else torch.float64
-
-def patch_size(model: nn.Module) -> tuple[int, int]:
-    "The (height, width) of the patches of `model`'s patch embedding."
-    return tuple(check_vit(as_vit(model)).patch_embed.proj.kernel_size)
 
 def patch_embed_matrix(model: nn.Module) -> Tensor:
     "The linear map (D, C·P·P) from flattened pixel patches to tokens, joint over channels, in float64."
@@ -70,7 +67,7 @@ def nullspace_noise(model: nn.Module,
     vit = check_vit(as_vit(model))
     w = vit.patch_embed.proj.weight  # (D, C, ph, pw)
     P = tuple(w.shape[2:])
-    img_size = img_size or vit.patch_embed.img_size
+    img_size = img_size or input_size(model)
     if img_size is None: raise ValueError('the model has no fixed image size: pass img_size')
     H, W = _check_img_size((img_size, img_size) if isinstance(img_size, int) else tuple(img_size), P)
     Q = patch_embed_nullspace(model) if basis is None else basis  # (k, C*ph*pw)
@@ -96,7 +93,7 @@ def logit_change(model: nn.Module, x: Tensor, noise: Tensor) -> dict:
 def project_to_nullspace(model: nn.Module, x: Tensor, basis: Tensor | None = None) -> Tensor:
     "Orthogonal projection of images `x` (B, C, H, W) onto the patch embedding's nullspace, patch by patch."
     P = patch_size(model)
-    C = as_vit(model).patch_embed.proj.in_channels
+    C = in_chans(model)
     if x.ndim != 4 or x.shape[1] != C: raise ValueError(f'expected images (B, {C}, H, W), got shape {tuple(x.shape)}')
     H, W = _check_img_size(tuple(x.shape[-2:]), P)
     Q = (patch_embed_nullspace(model) if basis is None else basis).to(x.device, _f64(x.device))  # (k, C*ph*pw)

@@ -94,6 +94,52 @@ with math_attention(_vit): test_eq({b.attn.fused_attn for b in _vit.blocks}, {Fa
 
 
 # %% [markdown]
+# ## Reading a ViT's geometry
+# The one home of the questions ns_vit's modules ask a ViT: its patch size, token layout, embedding shape, classes, input
+# size and channels. Each accepts a `PixelViT` or a bare timm ViT. The patch size is the kernel of the patch
+# embedding's convolution, the map the nullspace is computed from (`check_vit` makes sure it equals the stride);
+# `attacks`, `attention`, `checks`, `noise` and `nullspace` re-export these functions under their old names.
+
+# %%
+#| export
+def patch_size(model: nn.Module) -> tuple[int, int]:
+    "Pixel size (h, w) of one patch: the kernel of the patch embedding of the ViT inside `model`."
+    return tuple(check_vit(as_vit(model)).patch_embed.proj.kernel_size)
+
+def token_layout(model: nn.Module) -> tuple[int, tuple[int, int]]:
+    "(number of prefix tokens: class + register, patch grid (h, w)) of the ViT inside `model`."
+    vit = as_vit(model)
+    return vit.num_prefix_tokens, tuple(vit.patch_embed.grid_size)
+
+def embed_shape(model: nn.Module) -> tuple[int, int]:
+    "(N, D): number of patch tokens and embedding width of the ViT inside `model`."
+    vit = as_vit(model)
+    return vit.patch_embed.num_patches, vit.embed_dim
+
+def num_classes(model: nn.Module) -> int:
+    "Number of classes the ViT inside `model` predicts."
+    return as_vit(model).num_classes
+
+def input_size(model: nn.Module) -> tuple[int, int] | None:
+    "The (H, W) input resolution of the ViT inside `model`; None when it takes any size."
+    size = as_vit(model).patch_embed.img_size
+    return None if size is None else tuple(size)
+
+def in_chans(model: nn.Module) -> int:
+    "Number of image channels the patch embedding of the ViT inside `model` reads."
+    return check_vit(as_vit(model)).patch_embed.proj.in_channels
+
+
+# %%
+_r = PixelViT(VisionTransformer(img_size=(16, 32), patch_size=(4, 8), embed_dim=48, depth=1, num_heads=2, num_classes=7, reg_tokens=2))
+test_eq(patch_size(_r), (4, 8)); test_eq(patch_size(_r.vit), (4, 8))  # non-square patches, wrapped or bare
+test_eq(token_layout(_r), (3, (4, 4))); test_eq(embed_shape(_r), (16, 48)); test_eq(num_classes(_r), 7)
+test_eq(input_size(_r), (16, 32)); test_eq(in_chans(_r), 3)
+test_eq(_r(torch.rand(1, 3, 16, 32)).shape, (1, 7))
+test_fail(lambda: patch_size(nn.Linear(2, 2)), contains='not a timm VisionTransformer')
+
+
+# %% [markdown]
 # ## Creating and loading ViTs
 # `create_vit` takes any timm ViT by name. `pretrained` is `False` (random init), `True` (timm's hub; needs
 # internet) or the path of a local checkpoint: safetensors, or a torch `.pth`/`.pth.tar` holding a state dict

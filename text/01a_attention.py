@@ -12,7 +12,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 from torch import nn, Tensor
-from ns_vit.models import as_vit
+from ns_vit.models import as_vit, token_layout  # `token_layout` re-exported here (`_all_`)
+_all_ = ['token_layout']
 
 # %%
 import torch
@@ -98,17 +99,9 @@ except RuntimeError: pass
 assert all(b.attn.fused_attn == f for b, f in zip(as_vit(m).blocks, [b.attn.fused_attn for b in as_vit(tiny()).blocks]))
 test_fail(lambda: record_attention(nn.Linear(2, 2)).__enter__(), contains='timm VisionTransformer')
 
-
 # %% [markdown]
 # ## Token layout
-
-# %%
-#| export
-def token_layout(model: nn.Module) -> tuple[int, tuple[int, int]]:
-    "(number of prefix tokens: class + register, patch grid (h, w)) of the ViT inside `model`."
-    vit = as_vit(model)
-    return vit.num_prefix_tokens, tuple(vit.patch_embed.grid_size)
-
+# `token_layout` lives in `ns_vit.models` (a ViT's geometry) and is re-exported here: the prefix tokens and the patch grid.
 
 # %%
 test_eq(token_layout(tiny()), (1, (4, 4)))

@@ -19,9 +19,9 @@ import torch
 from torch import nn, Tensor
 import torch.distributed as dist
 from tqdm.auto import tqdm
-from ns_vit.models import as_vit, model_device, eval_mode, frozen  # `frozen` re-exported here (`_all_`)
+from ns_vit.models import as_vit, model_device, eval_mode, frozen, embed_shape  # `frozen`, `embed_shape` re-exported here (`_all_`)
 from ns_vit.checks import check_images, check_model
-_all_ = ['frozen']
+_all_ = ['frozen', 'embed_shape']
 
 # %%
 #| hide
@@ -41,11 +41,6 @@ from ns_vit.models import create_vit, default_vit
 
 # %%
 #| export
-def embed_shape(model: nn.Module) -> tuple[int, int]:
-    "(N, D): number of patch tokens and embedding width of `model`."
-    vit = as_vit(model)
-    return vit.patch_embed.num_patches, vit.embed_dim
-
 @contextmanager
 def embedding_noise(model: nn.Module, delta: Tensor | None):
     "Within this context, `model` adds `delta` (1 or B, N, D) to its patch embeddings."

@@ -23,7 +23,7 @@ from torch import nn, Tensor
 from tqdm.auto import tqdm
 from ns_vit.data import cifar10, cache_dir, image_folder
 from ns_vit.cache import cached, content_digest, file_digest, folder_digest
-from ns_vit.models import predict, get_model, as_vit, weights_digest, eval_mode
+from ns_vit.models import predict, get_model, weights_digest, eval_mode, input_size
 from ns_vit.checks import check_model
 from ns_vit.training import atomic_save
 from ns_vit.stats import accuracy_ci, mcnemar, mean_ci, fmt_ci, paired_shares
@@ -197,7 +197,7 @@ def _per_cell(table: pd.DataFrame, per: dict, **extra) -> dict:
 
 def _score(model, name: str, m: Metric, n: int | None, data: dict, seed: int, batch_size: int, quiet: bool, inputs) -> dict:
     "Per-image correctness and extras of one metric (uncached), on `inputs` from `_inputs`."
-    size, num_workers = _img_size(model), int(data.get('num_workers', 4))
+    size, num_workers = input_size(model)[0], int(data.get('num_workers', 4))
     if m.kind == 'clean':
         if 'val' in data:  # an ImageFolder validation set, decoded by DataLoader workers
             return shift_accuracy(model, _folder_set(data['val'], n, seed, size), batch_size, num_workers, quiet)
@@ -221,10 +221,6 @@ def _score(model, name: str, m: Metric, n: int | None, data: dict, seed: int, ba
         shift = info.loader(data[m.needs], img_size=size) if info.scale == 'imagenet' else info.loader(data[m.needs])
         return shift_accuracy(model, shift, batch_size, num_workers, quiet)
     raise ValueError(f'unknown metric kind {m.kind!r}')
-
-def _img_size(model: nn.Module) -> int:
-    "The input resolution of the ViT inside `model`."
-    return int(as_vit(model).patch_embed.img_size[0])
 
 def _folder_set(root, n: int | None, seed: int, img_size: int = 224):
     "An ImageFolder validation set as a ShiftSet (all logits), optionally a seeded sample of n images."

@@ -18,9 +18,10 @@ from torch import nn, Tensor
 import torchattacks
 from torchattacks.attack import Attack
 from tqdm.auto import tqdm
-from ns_vit.models import as_vit, model_device, eval_mode
-from ns_vit.attention import record_attention, token_layout
+from ns_vit.models import as_vit, model_device, eval_mode, num_classes, patch_size, token_layout  # `num_classes`, `patch_size` re-exported here (`_all_`)
+from ns_vit.attention import record_attention
 from ns_vit.checks import check_images, check_model
+_all_ = ['num_classes', 'patch_size']
 
 # %%
 import time
@@ -312,10 +313,6 @@ class CWInf(Attack):
 #| export
 ATTACKS = ('fgsm', 'pgd', 'tpgd', 'cw', 'cw_torchattacks', 'cw_inf', 'autoattack')
 
-def num_classes(model: nn.Module) -> int:
-    "Number of classes of the ViT inside `model`."
-    return as_vit(model).num_classes
-
 def _autoattack(model: nn.Module, eps: float, norm: str, version: str, n_classes: int, seed: int, steps: int,
                 n_target_classes: int, n_queries: int) -> Attack:
     "torchattacks.AutoAttack with its inner attacks' iterations, target classes and queries set explicitly."
@@ -444,10 +441,6 @@ test_fail(lambda: make_attack(tiny(), 'autoattack', n_target_classes=10), contai
 
 # %%
 #| export
-def patch_size(model: nn.Module) -> tuple[int, int]:
-    "Pixel size (h, w) of one patch of the ViT inside `model`."
-    return tuple(as_vit(model).patch_embed.patch_size)
-
 def patch_mask(model: nn.Module, idx: Tensor) -> Tensor:
     "Pixel mask (B, 1, H, W): 1 on the patches with flat row-major indices `idx` (B, k) of `model`'s patch grid."
     (gh, gw), (ph, pw) = token_layout(model)[1], patch_size(model)
@@ -496,6 +489,11 @@ for layout, kw in LAYOUTS.items():
     mask = patch_mask(m, idx)
     test_eq(mask.shape, (8, 1, 32, 32)); test_eq(mask.sum((1, 2, 3)), torch.full((8,), 3 * 64.))
 test_eq(patch_mask(tiny(), torch.tensor([[5]]))[0, 0].nonzero()[[0, -1]], torch.tensor([[8, 8], [15, 15]]))  # row 1, col 1
+# the patch size is `models.patch_size` (the one implementation, also `nullspace.patch_size`); non-square patches:
+import ns_vit.models, ns_vit.nullspace
+assert patch_size is ns_vit.models.patch_size is ns_vit.nullspace.patch_size
+_r = create_vit('vit_tiny_patch16_224', img_size=(16, 32), patch_size=(4, 8), embed_dim=32, depth=1, num_heads=2, num_classes=10)
+test_eq(patch_size(_r), (4, 8)); test_eq(patch_mask(_r, torch.tensor([[1]]))[0, 0].nonzero()[[0, -1]], torch.tensor([[0, 8], [3, 15]]))
 # 'attn' picks the patch that receives the most attention: check against the record directly
 m = tiny(depth=3, reg_tokens=2)
 with record_attention(m) as rec: m(xt)

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset, DataLoader
 from tqdm.auto import tqdm
 import pandas as pd
 from ns_vit.data import CIFAR10_CLASSES, pixel_transform, image_folder
-from ns_vit.models import model_device, PixelViT, as_vit, frozen
+from ns_vit.models import model_device, PixelViT, as_vit, frozen, input_size
 from ns_vit.stats import accuracy_ci, mcnemar
 
 # %%
@@ -512,7 +512,7 @@ def preprocessing_scores(model: PixelViT, root: str | Path, n_images: int | None
                          batch_size: int = 250, num_workers: int = 0, quiet: bool = True) -> pd.DataFrame:
     "Clean accuracy of `model` on the same images of the ImageFolder `root` under timm's, the paper's and a mismatched pipeline."
     vit = as_vit(model)
-    cfg, size = getattr(vit, 'pretrained_cfg', {}) or {}, int(vit.patch_embed.img_size[0])
+    cfg, size = getattr(vit, 'pretrained_cfg', {}) or {}, input_size(model)[0]
     forced = PixelViT(vit, IMAGENET_MEAN, IMAGENET_STD).to(model_device(model))  # shares the weights, not the buffers
     variants = [('timm pretrained_cfg', cfg.get('crop_pct', 0.875), cfg.get('interpolation', 'bicubic'), model),
                 ("paper's transform (crop 0.875), model's own mean/std", 224 / 256, 'bicubic', model),

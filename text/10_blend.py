@@ -18,7 +18,7 @@ import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
-from ns_vit.models import as_vit, eval_mode
+from ns_vit.models import as_vit, eval_mode, in_chans
 from ns_vit.nullspace import (patch_size, patch_embed_matrix, project_to_nullspace, null_dims,
                               _numerical_rank, _check_img_size, _f64)
 
@@ -315,7 +315,7 @@ def nullspace_blend(model: nn.Module,
     try: t = torch.broadcast_to(target.to(x.device, x.dtype), x.shape)  # (B, C, H, W)
     except RuntimeError: raise ValueError(f'target of shape {tuple(target.shape)} does not broadcast to the images '
                                           f'{tuple(x.shape)}: pass one target per image or one for all') from None
-    P, C = patch_size(model), as_vit(model).patch_embed.proj.in_channels
+    P, C = patch_size(model), in_chans(model)
     if x.shape[1] != C: raise ValueError(f'expected {C}-channel images, got shape {tuple(x.shape)}')
     H, Wd = _check_img_size(tuple(x.shape[-2:]), P)
     f64, (Q, R) = _f64(x.device), embedding_bases(model, basis)

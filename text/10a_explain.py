@@ -16,8 +16,8 @@ import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from scipy.stats import rankdata
-from ns_vit.models import as_vit, frozen
-from ns_vit.attention import record_attention, token_layout
+from ns_vit.models import as_vit, frozen, token_layout
+from ns_vit.attention import record_attention
 
 # %%
 from fastcore.test import test_eq, test_close, test_fail
@@ -59,7 +59,7 @@ from ns_vit.nullspace import nullspace_noise
 def output_rows(model: nn.Module) -> slice:
     "The token rows whose last-block output the classifier head reads: the class token, or the pooled tokens."
     vit = as_vit(model)
-    pool, npre = getattr(vit, 'global_pool', 'token'), vit.num_prefix_tokens
+    pool, npre = getattr(vit, 'global_pool', 'token'), token_layout(model)[0]
     if getattr(vit, 'attn_pool', None) is not None or pool not in ('token', 'avg'):
         raise NotImplementedError(f"saliency handles global_pool 'token' or 'avg', not {pool!r} (attention/max "
                                   'pooling mixes tokens non-linearly after the last block)')
