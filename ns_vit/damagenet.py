@@ -12,13 +12,10 @@ from typing import Callable
 import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 import ns_vit
 from .data import UInt8Images, cifar10, cache_dir, repo_root
-from .training import atomic_save
-from .models import CIFAR10_MEAN, CIFAR10_STD, accuracy, model_device, read_state_dict, weights_digest, frozen
+from .models import CIFAR10_MEAN, CIFAR10_STD, accuracy, model_device, weights_digest, frozen, save_checkpoint, load_checkpoint
 from .pretrain import TrainConfig, train_classifier
 from .cache import cached, content_digest
 
@@ -73,13 +70,8 @@ SURROGATE_RECIPE = TrainConfig(epochs=8, batch_size=256, lr=3e-3, weight_decay=0
                                label_smoothing=0.1, seed=0)
 
 def save_surrogate(model: SurrogateCNN, card: dict, path: str | Path | None = None) -> Path:
-    "Write the surrogate's weights (safetensors, card in its metadata) and card (.json) atomically; the card gets `weights_sha256`."
-    path = Path(path or repo_root() / SURROGATE_PATH).with_suffix('.safetensors')
-    card = {**card, 'weights_sha256': weights_digest(model, 64)}
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_save(sd, path, lambda o, p: save_file(o, p, metadata={'card': json.dumps(card)}))
-    atomic_save(card, path.with_suffix('.json'), lambda o, p: Path(p).write_text(json.dumps(o, indent=2) + '\n'))
-    return path
+    "Write the surrogate's weights and card with `models.save_checkpoint` (safetensors + .json, atomic, `weights_sha256`)."
+    return save_checkpoint(model, path or repo_root() / SURROGATE_PATH, card)
 
 # %% ../nbs/06d_damagenet.ipynb #e10c0a2c
 def train_surrogate(epochs: int = SURROGATE_RECIPE.epochs,  # passes over the 50,000 training images
@@ -122,18 +114,11 @@ def load_surrogate(path: str | Path | None = None, map_location: str | torch.dev
     "The trained surrogate CNN in eval mode, its card as `.card`, its weights checked against the card's digest."
     path = Path(path).expanduser() if path else repo_root() / SURROGATE_PATH
     if not path.is_file(): raise FileNotFoundError(f'surrogate weights {path} not found: {SURROGATE_HOWTO}')
-    try:
-        with safe_open(str(path), 'pt') as f: card = json.loads((f.metadata() or {}).get('card', '{}'))
-    except (SafetensorError, json.JSONDecodeError, OSError) as e:
-        raise ValueError(f'{path} is corrupt or not a surrogate checkpoint ({type(e).__name__}); delete it and '
-                         f'{SURROGATE_HOWTO}') from None
-    model = surrogate_cnn(**card.get('arch_kwargs', {}))
-    model.load_state_dict(read_state_dict(path))
-    if 'weights_sha256' in card and weights_digest(model, 64) != card['weights_sha256']:
-        raise ValueError(f'{path}: the weights do not match the digest in their card (edited or corrupted); delete it '
-                         f'and {SURROGATE_HOWTO}')
+    try: model, card = load_checkpoint(path, map_location, build=lambda card: surrogate_cnn(**card.get('arch_kwargs', {})))
+    except (ValueError, RuntimeError) as e:  # corrupt, edited, or another network's weights
+        raise ValueError(f'{str(e).splitlines()[0].rstrip(":")}. To make it anew, delete {path} and {SURROGATE_HOWTO}') from None
     model.card = card
-    return model.to(map_location).eval()
+    return model
 
 # %% ../nbs/06d_damagenet.ipynb #e7075452
 PROXIES = ('gradcam', 'gradxinput')

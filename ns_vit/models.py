@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib, json
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 import torch
 from torch import nn, Tensor
 import timm
@@ -20,9 +21,9 @@ from .checks import check_images
 __all__ = ['DEFAULT_ARCH', 'DEFAULT_ARCH_KWARGS', 'CIFAR10_MEAN', 'CIFAR10_STD', 'DEFAULT_CHECKPOINT', 'EMBEDDED_MODELS',
            'PixelViT', 'math_attention', 'check_vit', 'as_vit', 'patch_size', 'token_layout', 'embed_shape',
            'num_classes', 'input_size', 'in_chans', 'read_state_dict', 'split_normalizer', 'load_vit_weights',
-           'create_vit', 'model_card', 'weights_digest', 'save_checkpoint', 'load_checkpoint', 'embedded_vit',
-           'default_vit', 'load_embedded_model', 'load_default_model', 'eval_mode', 'frozen', 'model_device', 'predict',
-           'accuracy', 'get_model', 'experiment_model']
+           'create_vit', 'model_card', 'weights_digest', 'save_checkpoint', 'read_card', 'load_checkpoint',
+           'embedded_vit', 'default_vit', 'load_embedded_model', 'load_default_model', 'eval_mode', 'frozen',
+           'model_device', 'predict', 'accuracy', 'get_model', 'experiment_model']
 
 # %% ../nbs/01_models.ipynb #40cc385a
 class PixelViT(nn.Module):
@@ -179,25 +180,37 @@ def weights_digest(model: nn.Module, length: int = 8) -> str:
     for k, v in sorted(model.state_dict().items()): h.update(k.encode()); h.update(v.detach().cpu().float().numpy().tobytes())
     return h.hexdigest()[:length]
 
-def save_checkpoint(model: PixelViT, path: str | Path, card: dict) -> Path:
-    "Write `model` to `path` (.safetensors) and `card` with the weights' sha256 to `path` with .json, both atomically."
+def save_checkpoint(model: nn.Module, path: str | Path, card: dict) -> Path:
+    "Write `model`'s weights to `path` (.safetensors) and `card` with their sha256 to `path` with .json, both atomically."
     path = Path(path); path = path if path.suffix == '.safetensors' else path.with_name(path.name + '.safetensors')  # 'ns-eps0.03' keeps its dots
     card = {**card, 'weights_sha256': weights_digest(model, 64)}
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.vit.state_dict().items()}
+    weights = (model.vit if isinstance(model, PixelViT) else model).state_dict()  # a PixelViT's mean and std are in its card
+    sd = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     atomic_save(sd, path, lambda o, p: save_file(o, p, metadata={'card': json.dumps(card)}))
-    atomic_save(card, path.with_suffix('.json'), lambda o, p: Path(p).write_text(json.dumps(o, indent=2)))
+    atomic_save(card, path.with_suffix('.json'), lambda o, p: Path(p).write_text(json.dumps(o, indent=2) + '\n'))
     return path
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = 'cpu') -> tuple[PixelViT, dict]:
-    "Rebuild a `PixelViT` and its card from a checkpoint written by `save_checkpoint`, verifying the weights' sha256."
+def read_card(path: str | Path) -> dict:
+    "The card in the metadata of checkpoint `path` (written by `save_checkpoint`); a clear error for a missing or corrupt file."
     path = Path(path).expanduser()
     if not path.is_file(): raise FileNotFoundError(f'checkpoint {path} does not exist')
     try:
-        with safe_open(str(path), 'pt') as f: card = json.loads((f.metadata() or {})['card'])
+        with safe_open(str(path), 'pt') as f: return json.loads((f.metadata() or {})['card'])
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
         raise ValueError(f'{path} is corrupt or not an ns_vit checkpoint ({type(e).__name__}: {e})') from None
-    vit = load_vit_weights(_timm_vit(card['arch'], False, **card['arch_kwargs']), read_state_dict(path), path, card['arch'])
-    model = PixelViT(vit, card['mean'], card['std'])
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = 'cpu', *,
+                    build: Callable[[dict], nn.Module] | None = None,  # the empty model of a card (None: the `PixelViT` it names)
+                    ) -> tuple[nn.Module, dict]:
+    "Rebuild the model of a checkpoint written by `save_checkpoint` (eval mode) and its card, verifying the weights' sha256."
+    path = Path(path).expanduser()
+    card = read_card(path)
+    if build is None:
+        vit = load_vit_weights(_timm_vit(card['arch'], False, **card['arch_kwargs']), read_state_dict(path), path, card['arch'])
+        model = PixelViT(vit, card['mean'], card['std'])
+    else:
+        model = build(card)
+        model.load_state_dict(read_state_dict(path))
     want = card.get('weights_sha256')  # checkpoints written before ns_vit recorded it carry none
     if want is not None and weights_digest(model, len(want)) != want:
         raise ValueError(f'checkpoint {path} is corrupt: its weights do not match the sha256 in its card '

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib, json
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 import torch
 from torch import nn, Tensor
 import timm
@@ -260,7 +261,9 @@ test_fail(lambda: create_vit('vit_small_patch32_224', pretrained=True), contains
 # it, each atomically. The card holds the architecture, normalisation, the weights' sha256 (`weights_digest`, over the
 # weights and the normalisation) and whatever the caller adds (data, command, metrics), so `load_checkpoint` rebuilds
 # the model from the file alone and refuses one whose bytes changed after it was written: safetensors checks its header,
-# not the tensors, so a flipped byte inside a weight would otherwise load silently as a worse model.
+# not the tensors, so a flipped byte inside a weight would otherwise load silently as a worse model. They are the one
+# writer and reader of weights in ns_vit: any other module (the DamageNet surrogate CNN) is saved whole, and loaded with
+# `build`, a function that makes the empty model from the card.
 
 # %%
 #| export
@@ -275,25 +278,37 @@ def weights_digest(model: nn.Module, length: int = 8) -> str:
     for k, v in sorted(model.state_dict().items()): h.update(k.encode()); h.update(v.detach().cpu().float().numpy().tobytes())
     return h.hexdigest()[:length]
 
-def save_checkpoint(model: PixelViT, path: str | Path, card: dict) -> Path:
-    "Write `model` to `path` (.safetensors) and `card` with the weights' sha256 to `path` with .json, both atomically."
+def save_checkpoint(model: nn.Module, path: str | Path, card: dict) -> Path:
+    "Write `model`'s weights to `path` (.safetensors) and `card` with their sha256 to `path` with .json, both atomically."
     path = Path(path); path = path if path.suffix == '.safetensors' else path.with_name(path.name + '.safetensors')  # 'ns-eps0.03' keeps its dots
     card = {**card, 'weights_sha256': weights_digest(model, 64)}
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.vit.state_dict().items()}
+    weights = (model.vit if isinstance(model, PixelViT) else model).state_dict()  # a PixelViT's mean and std are in its card
+    sd = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     atomic_save(sd, path, lambda o, p: save_file(o, p, metadata={'card': json.dumps(card)}))
-    atomic_save(card, path.with_suffix('.json'), lambda o, p: Path(p).write_text(json.dumps(o, indent=2)))
+    atomic_save(card, path.with_suffix('.json'), lambda o, p: Path(p).write_text(json.dumps(o, indent=2) + '\n'))
     return path
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = 'cpu') -> tuple[PixelViT, dict]:
-    "Rebuild a `PixelViT` and its card from a checkpoint written by `save_checkpoint`, verifying the weights' sha256."
+def read_card(path: str | Path) -> dict:
+    "The card in the metadata of checkpoint `path` (written by `save_checkpoint`); a clear error for a missing or corrupt file."
     path = Path(path).expanduser()
     if not path.is_file(): raise FileNotFoundError(f'checkpoint {path} does not exist')
     try:
-        with safe_open(str(path), 'pt') as f: card = json.loads((f.metadata() or {})['card'])
+        with safe_open(str(path), 'pt') as f: return json.loads((f.metadata() or {})['card'])
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
         raise ValueError(f'{path} is corrupt or not an ns_vit checkpoint ({type(e).__name__}: {e})') from None
-    vit = load_vit_weights(_timm_vit(card['arch'], False, **card['arch_kwargs']), read_state_dict(path), path, card['arch'])
-    model = PixelViT(vit, card['mean'], card['std'])
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = 'cpu', *,
+                    build: Callable[[dict], nn.Module] | None = None,  # the empty model of a card (None: the `PixelViT` it names)
+                    ) -> tuple[nn.Module, dict]:
+    "Rebuild the model of a checkpoint written by `save_checkpoint` (eval mode) and its card, verifying the weights' sha256."
+    path = Path(path).expanduser()
+    card = read_card(path)
+    if build is None:
+        vit = load_vit_weights(_timm_vit(card['arch'], False, **card['arch_kwargs']), read_state_dict(path), path, card['arch'])
+        model = PixelViT(vit, card['mean'], card['std'])
+    else:
+        model = build(card)
+        model.load_state_dict(read_state_dict(path))
     want = card.get('weights_sha256')  # checkpoints written before ns_vit recorded it carry none
     if want is not None and weights_digest(model, len(want)) != want:
         raise ValueError(f'checkpoint {path} is corrupt: its weights do not match the sha256 in its card '
@@ -318,6 +333,11 @@ with tempfile.TemporaryDirectory() as d:
     test_fail(lambda: load_checkpoint(p), contains=f'checkpoint {p} is corrupt: its weights do not match')
     p.write_bytes(p.read_bytes()[:100])  # truncated file
     test_fail(lambda: load_checkpoint(p), contains='corrupt')
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval(); cnn[1].running_mean.add_(1)  # any module, buffers too
+    q = save_checkpoint(cnn, Path(d) / 'cnn.v2', {'arch': 'test CNN', 'width': 4})
+    test_eq(q.name, 'cnn.v2.safetensors'); test_eq(read_card(q)['width'], 4)
+    cnn2, card2 = load_checkpoint(q, build=lambda c: nn.Sequential(nn.Conv2d(3, c['width'], 3), nn.BatchNorm2d(c['width'])))
+    test_eq(weights_digest(cnn2), weights_digest(cnn)); test_eq(cnn2.training, False); test_eq(card2['arch'], 'test CNN')
 
 # %% [markdown]
 # ## The embedded default model
