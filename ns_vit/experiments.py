@@ -13,10 +13,10 @@ from tqdm.auto import tqdm
 from fastcore.basics import IN_NOTEBOOK
 from fastcore.docments import docments
 from .data import load_images, cifar10, image_folder, repo_root
-from .training import atomic_save, rank_world, claim_run_dir, run_lock, clean_tmp
+from .training import atomic_save, rank_world, claim_run_dir, run_lock, clean_tmp, read_state
 from .models import PixelViT, accuracy, get_model, save_checkpoint, load_checkpoint, weights_digest
 from .attacks import adversarial_accuracy
-from .finetune import FinetuneConfig, METHODS, NOISE_SOURCES, finetune, read_state
+from .finetune import FinetuneConfig, METHODS, NOISE_SOURCES, finetune
 from .evaluate import CliHelp, evaluate_models
 
 

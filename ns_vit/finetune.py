@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_finetune.ipynb #524328d5
 from __future__ import annotations
-import hashlib, json, math, time, warnings
+import hashlib, json, math, time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Callable, Iterator
@@ -15,16 +15,17 @@ import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 from .data import augment
-from .training import atomic_save, cosine_lr, seed_of, rank_world, step_batches, gather
+from .training import cosine_lr, seed_of, rank_world, step_batches, gather, read_state, save_state  # `read_state` re-exported here (`_all_`)
 from .models import PixelViT, model_device, frozen
 from .noise import eps_noise, gaussian_like, embedding_noise, embed_forward, prob_change
 from .attacks import make_attack
+_all_ = ['read_state']
 
 
 # %% auto #0
 __all__ = ['METHODS', 'NOISE_SOURCES', 'NOISE_VARIANTS', 'ROUND_COLUMNS', 'FinetuneConfig', 'noise_variant', 'broadcast_noise',
-           'method_loss', 'noise_batches', 'synthesize_round', 'heldout_influence', 'read_state', 'finetune',
-           'rounds_table', 'heldout_summary', 'plot_dynamics']
+           'method_loss', 'noise_batches', 'synthesize_round', 'heldout_influence', 'finetune', 'rounds_table',
+           'heldout_summary', 'plot_dynamics', 'read_state']
 
 # %% ../nbs/05_finetune.ipynb #24f4090b
 METHODS = ('ns', 'none', 'gaussian', 'madry', 'trades')
@@ -189,21 +190,6 @@ def _new_state(model: PixelViT, cfg: FinetuneConfig):
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay)) if cfg.ema_decay > 0 else None
     return opt, sched, ema
 
-def read_state(path: str | Path, cfg: FinetuneConfig, map_location='cpu', mmap: bool = False) -> dict | None:
-    "A run's checkpoint `path` if saved under `cfg` (else ValueError); an unreadable one is set aside, warned, and None returned."
-    path = Path(path)
-    try: st = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except Exception as e:
-        if rank_world()[0] == 0 and path.exists():
-            aside = path.with_name(f'{path.name}.unreadable-{int(time.time())}'); path.rename(aside)
-            warnings.warn(f'{path} is unreadable ({type(e).__name__}: truncated or corrupt): moved to {aside.name}; the run starts over')
-        return None
-    stored = st.get('cfg') or {}
-    diff = [f'{k}: {stored.get(k)!r} → {v!r}' for k, v in asdict(cfg).items() if k in stored and stored[k] != v]
-    if diff: raise ValueError(f'{path} was saved by a run with other settings ({", ".join(diff)}): resume with the same '
-                              f'settings, or use another run folder (or delete {path.parent})')
-    return st
-
 def _load_state(path: Path, model, opt, sched, ema, cfg: FinetuneConfig) -> dict | None:
     "Restore a checkpointed run in place (step, delta, logs); None when there is nothing readable to restore."
     st = read_state(path, cfg, model_device(model))
@@ -213,11 +199,9 @@ def _load_state(path: Path, model, opt, sched, ema, cfg: FinetuneConfig) -> dict
     return st
 
 def _save_state(path: Path, model, opt, sched, ema, step, delta, logs, cfg) -> None:
-    "Checkpoint the whole run atomically (rank 0 only)."
-    if rank_world()[0] != 0: return
-    atomic_save(dict(model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
-                     ema=ema.state_dict() if ema is not None else None, step=step, delta=delta, logs=logs,
-                     cfg=asdict(cfg)), path)
+    "Checkpoint the whole run atomically (rank 0 only; `training.save_state`)."
+    save_state(path, dict(model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
+                          ema=ema.state_dict() if ema is not None else None, step=step, delta=delta, logs=logs), cfg)
 
 # %% ../nbs/05_finetune.ipynb #b6d47f38
 def finetune(model: PixelViT, data, cfg: FinetuneConfig, *,

@@ -4,14 +4,14 @@
 
 # %% ../nbs/02_pretrain.ipynb #9e16bb06
 from __future__ import annotations
-import time, warnings
-from dataclasses import dataclass, asdict
+import time
+from dataclasses import dataclass
 from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from .data import UInt8Images, augment
-from .training import atomic_save, cosine_lr
+from .training import cosine_lr, read_state, save_state
 from .models import PixelViT, accuracy, model_device
 
 # %% auto #0
@@ -51,18 +51,6 @@ def train_epoch(model: PixelViT, data: UInt8Images, opt, sched, cfg: TrainConfig
     return total / max(n, 1)
 
 # %% ../nbs/02_pretrain.ipynb #86ec762a
-def _resume(state_path: Path, cfg: TrainConfig) -> dict | None:
-    "The saved state at `state_path` if saved under `cfg` (else ValueError); an unreadable one is set aside (warned), None."
-    try: st = torch.load(state_path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        aside = state_path.with_name(f'{state_path.name}.unreadable-{int(time.time())}'); state_path.rename(aside)
-        warnings.warn(f'{state_path} is unreadable ({type(e).__name__}): moved to {aside.name}; training starts over')
-        return None
-    if st.get('cfg', asdict(cfg)) != asdict(cfg):
-        raise ValueError(f'{state_path} was saved under another configuration ({st["cfg"]} ≠ {asdict(cfg)}): '
-                         'resume with the same settings or delete it')
-    return st
-
 def train_classifier(model: PixelViT, train: UInt8Images, cfg: TrainConfig, val: UInt8Images | None = None,
                      state_path: str | Path | None = None, quiet: bool = False, stop_after: int | None = None) -> list[dict]:
     "Train `model` on `train`; checkpoint to `state_path` after each epoch and resume from it; returns history."
@@ -73,7 +61,7 @@ def train_classifier(model: PixelViT, train: UInt8Images, cfg: TrainConfig, val:
     warm = int(cfg.warmup_epochs * len(train) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, warm))
     start, history = 0, []
-    st = _resume(Path(state_path), cfg) if state_path and Path(state_path).exists() else None
+    st = read_state(state_path, cfg) if state_path else None  # `training.read_state`: checks `cfg`, sets a damaged file aside
     if st is not None:
         model.load_state_dict(st['model']); opt.load_state_dict(st['opt']); sched.load_state_dict(st['sched'])
         start, history = st['epoch'], st['history']; torch.set_rng_state(st['rng'])
@@ -85,6 +73,6 @@ def train_classifier(model: PixelViT, train: UInt8Images, cfg: TrainConfig, val:
         if val is not None: rec['val_acc'] = accuracy(model, *val.tensors())
         history.append(rec)
         if not quiet: print(rec, flush=True)
-        if state_path: atomic_save(_state(model, opt, sched, epoch + 1, history) | dict(cfg=asdict(cfg)), state_path)
+        if state_path: save_state(state_path, _state(model, opt, sched, epoch + 1, history), cfg)
     return history
 

@@ -4,8 +4,9 @@
 
 # %% ../nbs/01b_training.ipynb #452325b4
 from __future__ import annotations
-import errno, hashlib, json, math, os, re, socket, sys, tempfile, time
+import errno, hashlib, json, math, os, re, socket, sys, tempfile, time, warnings
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 import torch
@@ -15,7 +16,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 # %% auto #0
 __all__ = ['LOCK_TIMEOUT_S', 'atomic_save', 'clean_tmp', 'cosine_lr', 'seed_of', 'rank_world', 'claim_run_dir', 'lock_holder',
-           'file_lock', 'run_lock', 'step_indices', 'StepBatchSampler', 'step_batches', 'gather']
+           'file_lock', 'run_lock', 'save_state', 'read_state', 'step_indices', 'StepBatchSampler', 'step_batches',
+           'gather']
 
 # %% ../nbs/01b_training.ipynb #019abdfb
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]  # tags temp files with their writer's host
@@ -144,6 +146,30 @@ def run_lock(run_dir: str | Path):
     "`file_lock` on a run folder for a single process: a second process asking for the same run waits, then reuses it."
     if rank_world()[1] > 1: yield; return  # under torchrun every rank trains the run together
     with file_lock(run_dir): yield
+
+# %% ../nbs/01b_training.ipynb #e2cefa1f
+def save_state(path: str | Path, state: dict, cfg) -> Path | None:
+    "Write a run's resume `state` with its configuration `cfg` (a dataclass) under 'cfg', atomically; rank 0 only (others: None)."
+    if rank_world()[0] != 0: return None
+    return atomic_save({**state, 'cfg': asdict(cfg)}, path)
+
+def read_state(path: str | Path, cfg,  # the run's configuration, a dataclass
+               map_location='cpu', mmap: bool = False) -> dict | None:
+    "The resume state at `path` if saved under `cfg` (else ValueError naming the fields that differ); an unreadable one is set aside, warned, None."
+    path = Path(path)
+    try:
+        st = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        if not isinstance(st, dict): raise TypeError(f'it holds a {type(st).__name__}, not a state')
+    except Exception as e:  # missing (None, quietly), truncated, corrupt, or not a state
+        if rank_world()[0] == 0 and path.exists():
+            aside = path.with_name(f'{path.name}.unreadable-{int(time.time())}'); path.rename(aside)
+            warnings.warn(f'{path} is unreadable ({type(e).__name__}: truncated or corrupt): moved to {aside.name}; the run starts over')
+        return None
+    stored = st.get('cfg') or {}
+    diff = [f'{k}: {stored[k]!r} → {v!r}' for k, v in asdict(cfg).items() if k in stored and stored[k] != v]
+    if diff: raise ValueError(f'{path} was saved by a run with other settings ({", ".join(diff)}): resume with the same '
+                              f'settings, or use another run folder (or delete {path} to start over)')
+    return st
 
 # %% ../nbs/01b_training.ipynb #80582392
 def step_indices(n: int, step: int, batch_size: int, seed: int) -> Tensor:

@@ -11,8 +11,9 @@
 # %%
 #| export
 from __future__ import annotations
-import errno, hashlib, json, math, os, re, socket, sys, tempfile, time
+import errno, hashlib, json, math, os, re, socket, sys, tempfile, time, warnings
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 import torch
@@ -259,6 +260,62 @@ with tempfile.TemporaryDirectory() as d:
     finally: holder.kill(); holder.wait()
     with file_lock(d, timeout=0.5): pass  # released when its holder ends
     test_eq(lock_holder(Path(d) / '.lock'), 'another process')  # nobody holds it
+
+
+# %% [markdown]
+# ## Resume state
+# A training loop that can be killed writes its resume state (weights, optimiser, schedule, step, RNG, logs: whatever it
+# needs) with `save_state` after each round or epoch, with its configuration under the key `cfg`, and reads it back with
+# `read_state` when it starts. Finetuning, pretraining (and with it the DamageNet surrogate and the fingerprint's models,
+# which train with `pretrain.train_classifier`) share these two functions:
+# - a state saved under another configuration is refused, naming each field that differs (fields that only one side
+#   has are not compared, so a configuration that gains a field still resumes its old states);
+# - a state that cannot be read (a truncated or corrupt file) is set aside as `<name>.unreadable-<time>` with a warning,
+#   and the run starts over; under torchrun only rank 0 moves it, and only rank 0 writes.
+
+# %%
+#| export
+def save_state(path: str | Path, state: dict, cfg) -> Path | None:
+    "Write a run's resume `state` with its configuration `cfg` (a dataclass) under 'cfg', atomically; rank 0 only (others: None)."
+    if rank_world()[0] != 0: return None
+    return atomic_save({**state, 'cfg': asdict(cfg)}, path)
+
+def read_state(path: str | Path, cfg,  # the run's configuration, a dataclass
+               map_location='cpu', mmap: bool = False) -> dict | None:
+    "The resume state at `path` if saved under `cfg` (else ValueError naming the fields that differ); an unreadable one is set aside, warned, None."
+    path = Path(path)
+    try:
+        st = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        if not isinstance(st, dict): raise TypeError(f'it holds a {type(st).__name__}, not a state')
+    except Exception as e:  # missing (None, quietly), truncated, corrupt, or not a state
+        if rank_world()[0] == 0 and path.exists():
+            aside = path.with_name(f'{path.name}.unreadable-{int(time.time())}'); path.rename(aside)
+            warnings.warn(f'{path} is unreadable ({type(e).__name__}: truncated or corrupt): moved to {aside.name}; the run starts over')
+        return None
+    stored = st.get('cfg') or {}
+    diff = [f'{k}: {stored[k]!r} → {v!r}' for k, v in asdict(cfg).items() if k in stored and stored[k] != v]
+    if diff: raise ValueError(f'{path} was saved by a run with other settings ({", ".join(diff)}): resume with the same '
+                              f'settings, or use another run folder (or delete {path} to start over)')
+    return st
+
+
+# %%
+from dataclasses import dataclass
+@dataclass
+class _Cfg: lr: float = 1e-3; steps: int = 10
+with tempfile.TemporaryDirectory() as d:
+    p = Path(d) / 'state.pt'
+    test_eq(read_state(p, _Cfg()), None)  # nothing saved yet: nothing to resume, no warning
+    save_state(p, dict(step=3, w=torch.ones(2)), _Cfg())
+    st = read_state(p, _Cfg()); test_eq((st['step'], st['cfg']), (3, dict(lr=1e-3, steps=10))); test_eq(st['w'], torch.ones(2))
+    test_fail(lambda: read_state(p, _Cfg(lr=2e-3)), contains='other settings (lr: 0.001 → 0.002)')  # names the field
+    torch.save(dict(step=1, cfg=dict(lr=1e-3)), p); test_eq(read_state(p, _Cfg())['step'], 1)  # fields one side lacks: not compared
+    for bad in (p.read_bytes()[:40], b'not a torch file'):  # truncated, garbage
+        p.write_bytes(bad)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter('always'); test_eq(read_state(p, _Cfg()), None)
+        assert 'unreadable' in str(w[0].message) and 'starts over' in str(w[0].message) and not p.exists()
+    test_eq(len(list(Path(d).glob('state.pt.unreadable-*'))) >= 1, True)  # set aside, not deleted
 
 
 # %% [markdown]

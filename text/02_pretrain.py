@@ -8,19 +8,19 @@
 # %%
 #| export
 from __future__ import annotations
-import time, warnings
-from dataclasses import dataclass, asdict
+import time
+from dataclasses import dataclass
 from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from ns_vit.data import UInt8Images, augment
-from ns_vit.training import atomic_save, cosine_lr
+from ns_vit.training import cosine_lr, read_state, save_state
 from ns_vit.models import PixelViT, accuracy, model_device
 
 # %%
 #| hide
-import tempfile
+import tempfile, warnings
 from fastcore.test import test_eq, test_close, test_fail
 
 
@@ -38,7 +38,8 @@ from fastcore.test import test_eq, test_close, test_fail
 # The recipe is the usual one for ViTs from scratch: AdamW, linear warm-up then cosine decay, label smoothing, random
 # crop + flip. Training is kill-safe: the state (weights, optimiser, schedule, RNG, history, configuration) is written
 # atomically after every epoch and a rerun of the same command resumes from it, bit-identically (the test below); a state
-# saved under another configuration is refused, an unreadable one is set aside and the run starts over.
+# saved under another configuration is refused, an unreadable one is set aside and the run starts over (`training.save_state`
+# and `read_state`, the resume mechanism finetuning uses too).
 #
 
 # %% [markdown]
@@ -83,18 +84,6 @@ def train_epoch(model: PixelViT, data: UInt8Images, opt, sched, cfg: TrainConfig
 
 # %%
 #| export
-def _resume(state_path: Path, cfg: TrainConfig) -> dict | None:
-    "The saved state at `state_path` if saved under `cfg` (else ValueError); an unreadable one is set aside (warned), None."
-    try: st = torch.load(state_path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        aside = state_path.with_name(f'{state_path.name}.unreadable-{int(time.time())}'); state_path.rename(aside)
-        warnings.warn(f'{state_path} is unreadable ({type(e).__name__}): moved to {aside.name}; training starts over')
-        return None
-    if st.get('cfg', asdict(cfg)) != asdict(cfg):
-        raise ValueError(f'{state_path} was saved under another configuration ({st["cfg"]} ≠ {asdict(cfg)}): '
-                         'resume with the same settings or delete it')
-    return st
-
 def train_classifier(model: PixelViT, train: UInt8Images, cfg: TrainConfig, val: UInt8Images | None = None,
                      state_path: str | Path | None = None, quiet: bool = False, stop_after: int | None = None) -> list[dict]:
     "Train `model` on `train`; checkpoint to `state_path` after each epoch and resume from it; returns history."
@@ -105,7 +94,7 @@ def train_classifier(model: PixelViT, train: UInt8Images, cfg: TrainConfig, val:
     warm = int(cfg.warmup_epochs * len(train) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, warm))
     start, history = 0, []
-    st = _resume(Path(state_path), cfg) if state_path and Path(state_path).exists() else None
+    st = read_state(state_path, cfg) if state_path else None  # `training.read_state`: checks `cfg`, sets a damaged file aside
     if st is not None:
         model.load_state_dict(st['model']); opt.load_state_dict(st['opt']); sched.load_state_dict(st['sched'])
         start, history = st['epoch'], st['history']; torch.set_rng_state(st['rng'])
@@ -117,7 +106,7 @@ def train_classifier(model: PixelViT, train: UInt8Images, cfg: TrainConfig, val:
         if val is not None: rec['val_acc'] = accuracy(model, *val.tensors())
         history.append(rec)
         if not quiet: print(rec, flush=True)
-        if state_path: atomic_save(_state(model, opt, sched, epoch + 1, history) | dict(cfg=asdict(cfg)), state_path)
+        if state_path: save_state(state_path, _state(model, opt, sched, epoch + 1, history), cfg)
     return history
 
 
@@ -147,14 +136,17 @@ with tempfile.TemporaryDirectory() as d:
 test_eq([h['epoch'] for h in hist], [1, 2])
 for k, v in m_full.state_dict().items(): test_close(m_b.state_dict()[k], v, eps=1e-6)
 test_fail(lambda: train_classifier(_tiny(), toy, TrainConfig(batch_size=1000)), contains='fewer than one batch')
-with tempfile.TemporaryDirectory() as d:  # a state saved under another recipe is refused; a damaged one set aside
+with tempfile.TemporaryDirectory() as d:  # a state saved under another recipe is refused, naming the field; a damaged one set aside
     p = Path(d) / 's.pt'; train_classifier(_tiny(), toy, cfg, state_path=p, quiet=True, stop_after=1)
+    test_eq(sorted(torch.load(p, weights_only=True)), ['cfg', 'epoch', 'history', 'model', 'opt', 'rng', 'sched'])  # the keys resumed runs read
     test_fail(lambda: train_classifier(_tiny(), toy, TrainConfig(epochs=2, batch_size=32, lr=5e-4, warmup_epochs=0.5), state_path=p, quiet=True),
-              contains='another configuration')
+              contains='was saved by a run with other settings (lr: 0.001 → 0.0005)')
     p.write_bytes(p.read_bytes()[:100])
     with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter('always'); hist = train_classifier(_tiny(), toy, cfg, state_path=p, quiet=True)
+        warnings.simplefilter('always'); m_c = _tiny(); hist = train_classifier(m_c, toy, cfg, state_path=p, quiet=True)
     test_eq([h['epoch'] for h in hist], [1, 2]); test_eq(any('unreadable' in str(x.message) for x in w), True)
+    test_eq(len(list(Path(d).glob('s.pt.unreadable-*'))), 1)  # set aside, and the run started over to the same weights
+    for k, v in m_full.state_dict().items(): test_close(m_c.state_dict()[k], v, eps=1e-6)
 
 
 # %% [markdown]
@@ -185,6 +177,7 @@ commit_report: bool = False  # write into the committed reports/ folder even whe
 
 # %%
 import os, json, sys, time
+from dataclasses import asdict
 import pandas as pd, matplotlib.pyplot as plt
 from ns_vit.data import cifar10, repo_root
 from ns_vit.models import embedded_vit, save_checkpoint, model_card, EMBEDDED_MODELS

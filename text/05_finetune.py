@@ -13,7 +13,7 @@
 # %%
 #| export
 from __future__ import annotations
-import hashlib, json, math, time, warnings
+import hashlib, json, math, time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Callable, Iterator
@@ -24,10 +24,11 @@ import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 from ns_vit.data import augment
-from ns_vit.training import atomic_save, cosine_lr, seed_of, rank_world, step_batches, gather
+from ns_vit.training import cosine_lr, seed_of, rank_world, step_batches, gather, read_state, save_state  # `read_state` re-exported here (`_all_`)
 from ns_vit.models import PixelViT, model_device, frozen
 from ns_vit.noise import eps_noise, gaussian_like, embedding_noise, embed_forward, prob_change
 from ns_vit.attacks import make_attack
+_all_ = ['read_state']
 
 
 # %%
@@ -317,21 +318,6 @@ def _new_state(model: PixelViT, cfg: FinetuneConfig):
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay)) if cfg.ema_decay > 0 else None
     return opt, sched, ema
 
-def read_state(path: str | Path, cfg: FinetuneConfig, map_location='cpu', mmap: bool = False) -> dict | None:
-    "A run's checkpoint `path` if saved under `cfg` (else ValueError); an unreadable one is set aside, warned, and None returned."
-    path = Path(path)
-    try: st = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except Exception as e:
-        if rank_world()[0] == 0 and path.exists():
-            aside = path.with_name(f'{path.name}.unreadable-{int(time.time())}'); path.rename(aside)
-            warnings.warn(f'{path} is unreadable ({type(e).__name__}: truncated or corrupt): moved to {aside.name}; the run starts over')
-        return None
-    stored = st.get('cfg') or {}
-    diff = [f'{k}: {stored.get(k)!r} → {v!r}' for k, v in asdict(cfg).items() if k in stored and stored[k] != v]
-    if diff: raise ValueError(f'{path} was saved by a run with other settings ({", ".join(diff)}): resume with the same '
-                              f'settings, or use another run folder (or delete {path.parent})')
-    return st
-
 def _load_state(path: Path, model, opt, sched, ema, cfg: FinetuneConfig) -> dict | None:
     "Restore a checkpointed run in place (step, delta, logs); None when there is nothing readable to restore."
     st = read_state(path, cfg, model_device(model))
@@ -341,11 +327,9 @@ def _load_state(path: Path, model, opt, sched, ema, cfg: FinetuneConfig) -> dict
     return st
 
 def _save_state(path: Path, model, opt, sched, ema, step, delta, logs, cfg) -> None:
-    "Checkpoint the whole run atomically (rank 0 only)."
-    if rank_world()[0] != 0: return
-    atomic_save(dict(model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
-                     ema=ema.state_dict() if ema is not None else None, step=step, delta=delta, logs=logs,
-                     cfg=asdict(cfg)), path)
+    "Checkpoint the whole run atomically (rank 0 only; `training.save_state`)."
+    save_state(path, dict(model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
+                          ema=ema.state_dict() if ema is not None else None, step=step, delta=delta, logs=logs), cfg)
 
 
 # %%
@@ -482,7 +466,7 @@ for k, v in full.state_dict().items(): test_eq(resumed['model'].state_dict()[k],
 with tempfile.TemporaryDirectory() as d:
     cfg_r = FinetuneConfig(method='ns', ema_decay=0.5, **small)
     finetune(_tiny(), toy, cfg_r, run_dir=d, stop_after=3)
-    test_fail(lambda: finetune(_tiny(), toy, FinetuneConfig(method='ns', ema_decay=0.5, **(small | dict(lr=2e-3))), run_dir=d), contains='other settings')
+    test_fail(lambda: finetune(_tiny(), toy, FinetuneConfig(method='ns', ema_decay=0.5, **(small | dict(lr=2e-3))), run_dir=d), contains='other settings (lr: 0.001 → 0.002)')
     raw = (Path(d) / 'state.pt').read_bytes(); (Path(d) / 'state.pt').write_bytes(raw[:len(raw) // 2])
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter('always')
@@ -604,6 +588,7 @@ from ns_vit.evaluate import values_table, paired_tests
 from ns_vit.stats import paired_table, significance_sentence
 from ns_vit.experiments import run_finetune, evaluate_models
 from ns_vit.data import repo_root
+from ns_vit.training import atomic_save
 t_start = time.time()
 smoke = smoke or in_test()
 metrics, overrides, n = param(metrics), param(overrides), param(n) or None

@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 from fastcore.basics import IN_NOTEBOOK
 from fastcore.docments import docments
 from ns_vit.data import load_images, cifar10, image_folder, repo_root
-from ns_vit.training import atomic_save, rank_world, claim_run_dir, run_lock, clean_tmp
+from ns_vit.training import atomic_save, rank_world, claim_run_dir, run_lock, clean_tmp, read_state
 from ns_vit.models import PixelViT, accuracy, get_model, save_checkpoint, load_checkpoint, weights_digest
 from ns_vit.attacks import adversarial_accuracy
-from ns_vit.finetune import FinetuneConfig, METHODS, NOISE_SOURCES, finetune, read_state
+from ns_vit.finetune import FinetuneConfig, METHODS, NOISE_SOURCES, finetune
 from ns_vit.evaluate import CliHelp, evaluate_models
 
 

@@ -102,12 +102,13 @@ test_fail(lambda: as_vit(m), contains='not a timm VisionTransformer')
 # ## Training the surrogate and its card
 #
 # `train_surrogate` reuses the ViT's training loop (`ns_vit.pretrain.train_classifier`: AdamW, warm-up + cosine,
-# label smoothing, random crop + flip from `ns_vit.data.augment`, resumable from a state file), scores all 10,000
-# test images, and writes the weights (safetensors, the card in its metadata) and the card as JSON next to them,
-# atomically. The card carries `weights_sha256` (`ns_vit.models.weights_digest`, the one digest of the project, as in
-# the ViT checkpoints' cards), and
-# `load_surrogate` refuses weights that do not match it, naming the file. The default recipe was chosen from a
-# measured epoch (≈ 1.4 min at one CPU thread) to stay within ~15 minutes single-threaded.
+# label smoothing, random crop + flip from `ns_vit.data.augment`, resumable from a state file through
+# `training.read_state`: another recipe's state refused, a damaged one set aside), scores all 10,000 test images, and
+# writes the weights (safetensors, the card in its metadata) and the card as JSON next to them, atomically, with
+# `models.save_checkpoint`, the writer of every ns_vit checkpoint. The card carries `weights_sha256`
+# (`ns_vit.models.weights_digest`, the one digest of the project, as in the ViT checkpoints' cards), and
+# `load_surrogate` (`models.load_checkpoint`) refuses weights that do not match it, naming the file. The default recipe
+# was chosen from a measured epoch (≈ 1.4 min at one CPU thread) to stay within ~15 minutes single-threaded.
 
 # %%
 #| export
@@ -179,7 +180,11 @@ def load_surrogate(path: str | Path | None = None, map_location: str | torch.dev
 # %%
 with tempfile.TemporaryDirectory() as d:
     p = Path(d) / 'surrogate_cnn.safetensors'
-    m1 = train_surrogate(epochs=1, n_train=256, n_test=100, path=p, state_path=Path(d) / 'state.pt', quiet=True)
+    (Path(d) / 'state.pt').write_bytes(b'PK half a state')  # a damaged resume state (`training.read_state`): set aside, training starts over
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        m1 = train_surrogate(epochs=1, n_train=256, n_test=100, path=p, state_path=Path(d) / 'state.pt', quiet=True)
+    assert any('unreadable' in str(x.message) for x in w) and len(list(Path(d).glob('state.pt.unreadable-*'))) == 1
     card = m1.card
     assert p.exists() and p.with_suffix('.json').exists() and not (Path(d) / 'state.pt').exists()
     assert p.stat().st_size < 5e6

@@ -537,37 +537,40 @@ print(owner_fp, f'chance distance {chance_distance(owner_fp.null_dim, owner_fp.n
 
 
 # %% [markdown]
-# Trained models are cached by a hash of their recipe. Negatives use `train_classifier` (notebook 02) with the owner's
-# recipe except for length (and a warm-up of a fifth of it); the init seed and the data/order seed are separate, so the
-# same-init negative starts from the owner's initial weights as notebook 02 made them (`torch.manual_seed(0);
-# default_vit()`; row "owner at its init" below shows the owner's nullspace is far closer to it than chance) and differs
-# in data subset, order and augmentation.
+# Trained models are cached by a hash of their recipe, and the training of those `train_classifier` trains resumes
+# after a kill from a state file beside them (through `training.read_state`). Negatives use `train_classifier`
+# (notebook 02) with the owner's recipe except for length (and a warm-up of a fifth of it); the init seed and the
+# data/order seed are separate, so the same-init negative starts from the owner's initial weights as notebook 02 made
+# them (`torch.manual_seed(0); default_vit()`; row "owner at its init" below shows the owner's nullspace is far closer
+# to it than chance) and differs in data subset, order and augmentation.
 
 # %%
 def cached(name: str, recipe: dict, make) -> PixelViT:
-    "The model `make()` returns, cached under `cache` as safetensors named by `name` and a hash of `recipe`."
+    "The model `make(state_path)` trains (resumably, from `state_path`), cached under `cache` as safetensors named by `name` and a hash of `recipe`."
     path = cache / f'{name}-{hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]}.safetensors'
     if path.exists(): return load_checkpoint(path, device)[0]
-    t = time.time(); m = make().eval()
+    state = path.with_name(path.name.removesuffix('.safetensors') + '.state.pt')  # `training.read_state` resumes it after a kill
+    t = time.time(); m = make(state).eval()
     save_checkpoint(m.cpu(), path, model_card(m, DEFAULT_ARCH, DEFAULT_ARCH_KWARGS, recipe=recipe, seconds=round(time.time() - t)))
+    state.unlink(missing_ok=True)
     return m.to(device)
 
 def init_model(init_seed: int) -> PixelViT:
     "The default ViT as initialised after torch.manual_seed(init_seed) (seed 0: the owner's own init)."
     torch.manual_seed(init_seed); return default_vit().to(device)
 
-def train_negative(init_seed: int, data_seed: int) -> PixelViT:
-    "A default ViT from init `init_seed`, trained on a `data_seed` subset for the short schedule."
+def train_negative(init_seed: int, data_seed: int, state_path: Path | None = None) -> PixelViT:
+    "A default ViT from init `init_seed`, trained on a `data_seed` subset for the short schedule (resumable from `state_path`)."
     cfg = TrainConfig(epochs=neg_epochs, batch_size=neg_batch, lr=neg_lr, warmup_epochs=neg_epochs / 5, seed=data_seed)
     m = init_model(init_seed)
-    train_classifier(m, train_all.subset(neg_train, data_seed), cfg, quiet=True)
+    train_classifier(m, train_all.subset(neg_train, data_seed), cfg, state_path=state_path, quiet=True)
     return m
 
 neg_recipe = lambda i, d: dict(kind='negative', init_seed=i, data_seed=d, epochs=neg_epochs, n_train=neg_train,
                                batch=neg_batch, lr=neg_lr, smoke=smoke)
-negatives = {f'negative seed {s}': cached(f'neg-init{s}', neg_recipe(s, s), lambda s=s: train_negative(s, s))
+negatives = {f'negative seed {s}': cached(f'neg-init{s}', neg_recipe(s, s), lambda state, s=s: train_negative(s, s, state))
              for s in tqdm(range(1, n_negatives + 1), desc='negatives', disable=smoke)}
-same_init = cached('neg-init0', neg_recipe(0, 100), lambda: train_negative(0, 100)) if same_init_negative else None
+same_init = cached('neg-init0', neg_recipe(0, 100), lambda state: train_negative(0, 100, state)) if same_init_negative else None
 print(f'{len(negatives)} negatives, {time.time() - t0:.0f} s so far')
 
 
@@ -607,13 +610,13 @@ print({k: v[1] for k, v in finetuned.items()}, f'{time.time() - t0:.0f} s so far
 # owner's output probabilities (KL, T = 1) on augmented training images, i.e. model extraction through queries.
 
 # %%
-def retrain_patch_embed(init_seed: int) -> PixelViT:
-    "The owner with a re-initialised patch embedding trained alone (all other weights frozen)."
+def retrain_patch_embed(init_seed: int, state_path: Path | None = None) -> PixelViT:
+    "The owner with a re-initialised patch embedding trained alone (all other weights frozen; resumable from `state_path`)."
     m = copy.deepcopy(owner)
     as_vit(m).patch_embed.load_state_dict(as_vit(init_model(init_seed)).patch_embed.state_dict())
     for n, p in m.named_parameters(): p.requires_grad_(n.startswith('vit.patch_embed.'))
     cfg = TrainConfig(epochs=retrain_epochs, batch_size=128, lr=attack_lr, warmup_epochs=retrain_epochs / 5, seed=seed)
-    train_classifier(m, train_all.subset(neg_train, seed + 300), cfg, quiet=True)
+    train_classifier(m, train_all.subset(neg_train, seed + 300), cfg, state_path=state_path, quiet=True)
     for p in m.parameters(): p.requires_grad_(True)
     return m
 
@@ -631,9 +634,9 @@ def distill(init_seed: int, steps: int, batch_size: int = 128) -> PixelViT:
     return student.eval()
 
 retrained = cached('attack-retrain-pe', dict(kind='retrain_pe', init_seed=1000, epochs=retrain_epochs, n_train=neg_train,
-                   lr=attack_lr, seed=seed, smoke=smoke), lambda: retrain_patch_embed(1000))
+                   lr=attack_lr, seed=seed, smoke=smoke), lambda state: retrain_patch_embed(1000, state))
 distilled = cached('attack-distill', dict(kind='distill', init_seed=2000, steps=distill_steps, lr=attack_lr, seed=seed,
-                   smoke=smoke), lambda: distill(2000, distill_steps))
+                   smoke=smoke), lambda state: distill(2000, distill_steps))  # 300 steps in one go: not resumed
 print(f'attacks trained, {time.time() - t0:.0f} s so far')
 
 # %% [markdown]
