@@ -10,7 +10,7 @@ export PYTHONHASHSEED := 0
 # real CIFAR-10 beside the project (CI and these machines); elsewhere set NS_VIT_DATA yourself or let torchvision download
 export NS_VIT_DATA ?= $(if $(wildcard ../shared/data/cifar10-jpeg.tar.gz),$(abspath ../shared/data),)
 
-.PHONY: install test nbtest pytest export clean check-sync reports worker study bench gpu-check pretrain pretrain-ti8 readme docs docs-check pairs check-pairs
+.PHONY: install test nbtest pytest export clean check-sync reports worker study bench adv-sweep gpu-check pretrain pretrain-ti8 readme docs docs-check pairs check-pairs
 
 install:  ## create .venv and install ns_vit with pinned dependencies
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -102,6 +102,10 @@ bench:  ## NS/plain time ratio (both embedded models), evaluation-suite minutes,
 	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/12_benchmarks.ipynb runs/reports/12_benchmarks.ipynb --cwd . -p commit_report True
 	if [ -f data/vit_ti8.safetensors ]; then OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/12_benchmarks.ipynb \
 	  runs/reports/12_benchmarks_vit-ti8.ipynb --cwd . -p model vit-ti8 -p commit_report True; fi
+
+adv-sweep:  ## Table 3's adversarial-training budget sweep (issue 27; about 3.5 CPU-hours on 1 core; reuses run folders) -> reports/table3_robustness
+	mkdir -p runs/reports reports/notebooks
+	$(PAPERMILL) nbs/07_table3_robustness.ipynb reports/notebooks/07_table3_robustness.ipynb --cwd . -p sweep True -p threads 1
 
 gpu-check:  ## on a GPU machine: main job on cuda, NS vs plain steps of ViT-S/B at 224 px (bf16 too), torchrun with one process
 	mkdir -p runs/reports

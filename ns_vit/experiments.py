@@ -22,7 +22,7 @@ from .evaluate import CliHelp, evaluate_models
 
 # %% auto #0
 __all__ = ['HELDOUT_SEED', 'CHOICES', 'RUN_OPTIONS', 'FINETUNE_EXAMPLE', 'train_data', 'run_name', 'run_finetune', 'check_state',
-           'option_help', 'cli_parser', 'main', 'compare_methods']
+           'option_help', 'cli_parser', 'main', 'compare_methods', 'sweep_choice']
 
 # %% ../nbs/05a_experiments.ipynb #e4960889
 def train_data(dataset: str = 'cifar10', train_fraction: float = 0.1, seed: int = 0):
@@ -191,6 +191,22 @@ def compare_methods(configs: dict[str, FinetuneConfig], *, model: str = 'default
     if dataset != 'cifar10': data = {'val': str(Path(dataset) / 'val'), **(data or {})}
     table, results, paired = evaluate_models(models, suite, n, data, seed, reference, quiet)
     return table, runs, results, paired
+
+
+# %% ../nbs/05a_experiments.ipynb #2335a329
+def sweep_choice(path: str | Path,  # a sweep table written by notebook 07 (`sweep.csv`: method, adv_eps, steps, chosen)
+                 methods: tuple = ('madry', 'trades'),  # the methods whose chosen budget is wanted
+                 ) -> dict[str, dict]:
+    "The adversarial-training budgets a sweep chose: method → dict(adv_eps, steps); {} when there is no sweep table."
+    import pandas as pd
+    path = Path(path)
+    if not path.exists(): return {}
+    df = pd.read_csv(path)
+    missing = {'method', 'adv_eps', 'steps', 'chosen'} - set(df.columns)
+    if missing: raise ValueError(f'{path} lacks the columns {sorted(missing)}: rerun the sweep (make adv-sweep)')
+    rows = df[df.chosen.astype(str).str.lower().eq('true') & df.method.isin(methods)]
+    if rows.method.duplicated().any(): raise ValueError(f'{path} marks several chosen budgets for {sorted(set(rows.method[rows.method.duplicated()]))}')
+    return {r.method: dict(adv_eps=float(r.adv_eps), steps=int(r.steps)) for r in rows.itertuples()}
 
 
 # %% ../nbs/05a_experiments.ipynb #3c8c62dd

@@ -284,6 +284,42 @@ def compare_methods(configs: dict[str, FinetuneConfig], *, model: str = 'default
 
 
 
+# %% [markdown]
+# Table 3's adversarial rows use the budgets a sweep chose (notebook 07, `make adv-sweep`). `sweep_choice` reads that choice
+# back from the sweep's committed table, so a later `make reports` reruns Table 3 at the same budgets (and reuses their run
+# folders) instead of falling back to `FinetuneConfig`'s 8/255 × 400 steps.
+
+# %%
+#| export
+def sweep_choice(path: str | Path,  # a sweep table written by notebook 07 (`sweep.csv`: method, adv_eps, steps, chosen)
+                 methods: tuple = ('madry', 'trades'),  # the methods whose chosen budget is wanted
+                 ) -> dict[str, dict]:
+    "The adversarial-training budgets a sweep chose: method → dict(adv_eps, steps); {} when there is no sweep table."
+    import pandas as pd
+    path = Path(path)
+    if not path.exists(): return {}
+    df = pd.read_csv(path)
+    missing = {'method', 'adv_eps', 'steps', 'chosen'} - set(df.columns)
+    if missing: raise ValueError(f'{path} lacks the columns {sorted(missing)}: rerun the sweep (make adv-sweep)')
+    rows = df[df.chosen.astype(str).str.lower().eq('true') & df.method.isin(methods)]
+    if rows.method.duplicated().any(): raise ValueError(f'{path} marks several chosen budgets for {sorted(set(rows.method[rows.method.duplicated()]))}')
+    return {r.method: dict(adv_eps=float(r.adv_eps), steps=int(r.steps)) for r in rows.itertuples()}
+
+
+
+# %%
+import tempfile, pandas as pd
+with tempfile.TemporaryDirectory() as d:
+    f = Path(d) / 'sweep.csv'
+    test_eq(sweep_choice(f), {})  # no sweep yet: the config's budget
+    pd.DataFrame(dict(method=['madry', 'madry', 'trades', 'trades'], adv_eps=[0.0078, 0.0157, 0.0078, 0.0157], steps=[400, 1600, 400, 400],
+                      clean=[.7, .6, .7, .65], chosen=[False, True, True, False])).to_csv(f, index=False)
+    test_eq(sweep_choice(f), dict(madry=dict(adv_eps=0.0157, steps=1600), trades=dict(adv_eps=0.0078, steps=400)))
+    test_eq(sweep_choice(f, ('madry',)), dict(madry=dict(adv_eps=0.0157, steps=1600)))
+    pd.DataFrame(dict(method=['madry'], adv_eps=[0.0078])).to_csv(f, index=False)
+    test_fail(lambda: sweep_choice(f), contains='make adv-sweep')
+
+
 # %%
 #| export
 #| notest
