@@ -122,6 +122,19 @@ pretrain-ti8:  ## pretrain the larger embedded model vit-ti8 (issue 26; hours on
 	OMP_NUM_THREADS=1 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill --no-progress-bar nbs/02_pretrain.ipynb runs/pretrain/02_pretrain_vit-ti8.ipynb \
 	  --cwd . -p model vit-ti8 -p lr 1e-3 -p threads 1 -p commit_report True
 
+# The fingerprint against its realistic impostors (issue 27), beside `make reports` (whose run of notebook 10b, at its
+# defaults, stays within that budget): 10b with -p impostors True trains n_near near-accuracy negatives (own init, the
+# owner's recipe for 20 epochs on 50,000 images each; resumable epoch by epoch) and finetunes the public parent for the
+# owner and four other parties (run folders under runs/finetune, shared with 05, 09 and 11), into reports/fingerprint/impostors
+# only. About 65 CPU-minutes on one thread when nothing is cached (the notebook prints its estimate first; the near-accuracy
+# negatives are 55 of them), plus about 13 for the default run's models when `make reports` has not cached them; a rerun
+# reuses every finished model.
+.PHONY: fingerprint-impostors
+fingerprint-impostors:  ## the fingerprint against other parties' finetunes of the same parent and near-accuracy negatives (about 1 h on 2 cores) -> reports/fingerprint/impostors
+	mkdir -p runs/reports
+	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill --no-progress-bar nbs/10b_fingerprint.ipynb \
+	  runs/reports/10b_fingerprint_impostors.ipynb --cwd . -p impostors True -p threads 2 -p commit_report True
+
 readme:  ## regenerate the study headline from its committed table, then README.md from nbs/index.ipynb and the committed reports
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -c "from ns_vit.report import render_readme, write_headline; write_headline(); print(render_readme())"
 
