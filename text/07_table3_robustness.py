@@ -48,7 +48,7 @@ import torch, numpy as np, pandas as pd, matplotlib.pyplot as plt
 from ns_vit.finetune import FinetuneConfig
 from ns_vit.experiments import compare_methods, run_finetune
 from ns_vit.data import load_images
-from ns_vit.models import accuracy
+from ns_vit.models import accuracy, get_model, loader_size
 from ns_vit.attacks import adversarial_accuracy
 from ns_vit.evaluate import values_table, paired_tests, ROBUSTNESS
 from ns_vit.stats import paired_table, significance_sentence, with_holm, with_averages
@@ -130,7 +130,7 @@ def score_selection(m, x, y) -> dict:
 
 sweep_rows, curves = [], {}
 if sweep:
-    xs, ys = load_images(dataset, 'test', sweep_select_n, seed + 7)  # the selection images (seed differs from the table's samples)
+    xs, ys = load_images(dataset, 'test', sweep_select_n, seed + 7, **loader_size(get_model(model, checkpoint)))  # the selection images (seed differs from the table's samples)
     for (m, e, L), c in grid.items():
         r = run_finetune(c, model=model, checkpoint=checkpoint, dataset=dataset, train_fraction=train_fraction, eval_size=sweep_select_n,
                          eval_every=sweep_eval_every, device=device, quiet=smoke, runs_root=runs_root)
