@@ -23,8 +23,8 @@ SECTIONS = [
     ('§5 Evaluation', ['06_evaluate', '06a_attacks', '06b_corruptions', '06c_shifts', '06d_damagenet']),
     ('§6 Applications', ['10_blend', '10a_explain', '10b_fingerprint']),
     ('Benchmarks', ['12_benchmarks']),
-    ('Library basics', ['index', '00_data', '00a_report', '00b_stats', '01_models', '01a_attention', '01b_training',
-                        '01c_cache', '01d_checks', '02_pretrain']),
+    ('Library basics', ['index', '00_data', '00a_report', '00b_stats', '00c_progress', '01_models', '01a_attention',
+                        '01b_training', '01c_cache', '01d_checks', '02_pretrain']),
 ]
 # report folder (its first part) -> the notebook that writes it
 WRITTEN_BY = {'table1_nullspace_dims': '03_nullspace', 'fig2_exact_nullspace': '03_nullspace',

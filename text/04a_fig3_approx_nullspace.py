@@ -26,7 +26,7 @@
 # %%
 import time
 import numpy as np, pandas as pd, torch, matplotlib.pyplot as plt
-from tqdm.auto import tqdm
+from ns_vit.progress import tqdm
 from ns_vit.data import load_images, repo_root
 from ns_vit.models import get_model, default_vit, as_vit, DEFAULT_CHECKPOINT, experiment_model
 from ns_vit.noise import embed_shape, noise_influence, synthesize_noise, permute_noise, gaussian_like

@@ -24,7 +24,7 @@
 # %%
 import time
 import numpy as np, pandas as pd, torch, matplotlib.pyplot as plt
-from tqdm.auto import tqdm
+from ns_vit.progress import tqdm
 from ns_vit.data import load_images, repo_root
 from ns_vit.models import get_model, default_vit, as_vit, DEFAULT_CHECKPOINT, experiment_model
 from fastcore.test import test_close

@@ -22,7 +22,7 @@ from torch import nn, Tensor
 import torch.nn.functional as F
 import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm.auto import tqdm
+from ns_vit.progress import tqdm
 from ns_vit.data import augment
 from ns_vit.training import atomic_save, cosine_lr, seed_of, rank_world, step_batches, gather
 from ns_vit.models import PixelViT, model_device

@@ -491,7 +491,7 @@ commit_report: bool = False  # write into the committed reports/ folder even whe
 # %%
 import time
 import pandas as pd, matplotlib.pyplot as plt
-from tqdm.auto import tqdm
+from ns_vit.progress import tqdm
 from ns_vit.data import load_images, repo_root, CIFAR10_CLASSES
 from ns_vit.models import get_model, default_vit, predict, DEFAULT_CHECKPOINT
 from ns_vit.applications import nullspace_blend

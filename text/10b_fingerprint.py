@@ -497,7 +497,7 @@ import hashlib, json, time
 from pathlib import Path
 import pandas as pd, matplotlib.pyplot as plt
 from sklearn.metrics import roc_auc_score, roc_curve
-from tqdm.auto import tqdm
+from ns_vit.progress import tqdm
 from ns_vit.data import cifar10, load_images, augment, repo_root
 from ns_vit.models import (default_vit, load_default_model, save_checkpoint, load_checkpoint, model_card, DEFAULT_ARCH,
                            DEFAULT_ARCH_KWARGS, DEFAULT_CHECKPOINT)
