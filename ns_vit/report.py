@@ -14,8 +14,8 @@ from .training import atomic_save
 __all__ = ['PARAMS_NOT_RESULTS', 'PAPER_ARTIFACTS', 'README_MUST', 'HEADLINE', 'METRIC_NAMES', 'ARM_LABELS', 'in_test',
            'param_changes', 'report_dir', 'device_info', 'param', 'git_state', 'git_commit', 'relative_paths',
            'write_json', 'write_meta', 'save_table', 'save_figure', 'write_index', 'write_minutes', 'notebook_markdown',
-           'readme_problems', 'render_readme', 'api_table', 'arms_table', 'plain_words', 'study_headline',
-           'write_headline']
+           'readme_problems', 'render_readme', 'executed_problems', 'api_table', 'arms_table', 'plain_words',
+           'study_headline', 'write_headline']
 
 # %% ../nbs/00a_report.ipynb #aae446aa
 def in_test() -> bool:
@@ -256,6 +256,30 @@ def render_readme(nb: str | Path = 'nbs/index.ipynb', out: str | Path = 'README.
     md = notebook_markdown(done)
     if problems := readme_problems(md): raise ValueError(f'{nb} renders a README with problems: {problems}')
     return atomic_save(md, root / out, lambda o, p: Path(p).write_text(o))
+
+# %% ../nbs/00a_report.ipynb #bae2b428
+_BAR = re.compile(r'\d+%\|[^|\n]*\|\s*\d+/\d+|[\d.]+(?:it/s|s/it)\]')  # a tqdm text bar: ' 40%|████      | 4/10 [00:01<00:01, 3.2it/s]'
+_PY_WARNING = re.compile(r'^(\S+):\d+: (\w*Warning): (.{0,60})', re.M)  # a warning as Python prints it
+
+def _temporary(path: str) -> bool:
+    "Under /tmp/ or the temporary folder: a run's scratch space, gone when it ends."
+    return path.startswith(('/tmp/', tempfile.gettempdir() + os.sep))
+
+def executed_problems(
+    nb: dict | str | Path,  # an executed notebook, or its path
+) -> list[str]:
+    "What an executed notebook should not hold: progress-bar output, a printed warning, a machine's absolute path (not /tmp/)."
+    if not isinstance(nb, dict): nb = json.loads(Path(nb).read_text())
+    out = []
+    for i, c in enumerate(nb['cells']):
+        for o in c.get('outputs', []):
+            text = ''.join(o.get('text', '')) + ''.join(''.join(v) for k, v in o.get('data', {}).items() if k.startswith('text/'))
+            if _BAR.search(text): out.append(f'cell {i}: progress-bar output')
+            if o.get('name') == 'stderr': out += [f'cell {i}: a {w.group(2)} from {Path(w.group(1)).name}: {w.group(3)}' for w in _PY_WARNING.finditer(text)]
+            out += [f'cell {i}: a machine path {m!r}' for m in _MACHINE_PATH.findall(text) if not _temporary(m)]
+    pm = nb.get('metadata', {}).get('papermill', {})
+    out += [f'papermill {k}: a machine path {pm[k]!r}' for k in ('input_path', 'output_path') if os.path.isabs(pm.get(k) or '') and not _temporary(pm[k])]
+    return list(dict.fromkeys(out))
 
 # %% ../nbs/00a_report.ipynb #2bece268
 def api_table(

@@ -138,7 +138,7 @@ fig.suptitle(f'Approximate nullspace noise, {dataset} test images ({n_test}), no
 fig.tight_layout()
 save_figure(fig, rep, 'fig3'); plt.close(fig)
 save_table(res, rep, 'fig3')
-write_meta(rep, params, t0, device, token_norm_per_image=img_norm, token_rms=tok_rms, ln_nullspace_check=ln_check)
+write_meta(rep, params, t0, device, token_norm_per_image=img_norm, token_rms=tok_rms, ln_nullspace_check=ln_check);
 
 # %% [markdown]
 # ## What the numbers say

@@ -815,7 +815,7 @@ save_table(table, rep, 'fingerprint_distances'); save_table(pairs, rep, 'negativ
 save_table(bb, rep, 'blackbox'); save_table(rand.describe().reset_index(), rep, 'random_subspaces')
 write_meta(rep, params, t0, device, threshold=thr, fraction_of_chance=frac, chance=chance, calibration=list(calib),
            held_out=list(held_out), fpr_held_out=[fp_k, fp_n], owner_moved_from_init=moved_owner,
-           negatives_moved_from_init=moved, **{f'auc {k}': thr_table[f'AUC {k}'].item() for k in rocs})
+           negatives_moved_from_init=moved, **{f'auc {k}': thr_table[f'AUC {k}'].item() for k in rocs});
 
 # %% [markdown]
 # ## What the numbers say
