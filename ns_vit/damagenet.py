@@ -14,7 +14,7 @@ from torch import nn, Tensor
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
+from .progress import tqdm
 import ns_vit
 from .data import UInt8Images, cifar10, cache_dir, repo_root
 from .training import atomic_save

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn, Tensor
-from tqdm.auto import tqdm
+from .progress import tqdm
 from .data import cifar10, cache_dir, image_folder
 from .cache import cached, content_digest, file_digest, folder_digest
 from .models import predict, get_model, weights_digest, loader_size, checkpoint_file

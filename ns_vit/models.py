@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 import torch
 from torch import nn, Tensor
+from .progress import quiet_tqdm_import
+quiet_tqdm_import()  # before timm, which imports tqdm.auto through huggingface_hub: see ns_vit.progress
 import timm
 from safetensors import SafetensorError
 from safetensors.torch import save_file, load_file, safe_open

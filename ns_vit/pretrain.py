@@ -9,7 +9,7 @@ from dataclasses import dataclass, asdict
 from pathlib import Path
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from .progress import tqdm
 from .data import UInt8Images, augment
 from .training import atomic_save, cosine_lr
 from .models import PixelViT, accuracy, model_device

@@ -26,7 +26,7 @@
 # %%
 import time
 import numpy as np, pandas as pd, torch, matplotlib.pyplot as plt
-from tqdm.auto import tqdm
+from ns_vit.progress import tqdm
 from ns_vit.data import load_images, repo_root
 from ns_vit.models import get_model, default_vit, as_vit, DEFAULT_CHECKPOINT, experiment_model, loader_size
 from ns_vit.noise import embed_shape, noise_influence, synthesize_noise, permute_noise, gaussian_like
@@ -138,7 +138,7 @@ fig.suptitle(f'Approximate nullspace noise, {dataset} test images ({n_test}), no
 fig.tight_layout()
 save_figure(fig, rep, 'fig3'); plt.close(fig)
 save_table(res, rep, 'fig3')
-write_meta(rep, params, t0, device, token_norm_per_image=img_norm, token_rms=tok_rms, ln_nullspace_check=ln_check)
+write_meta(rep, params, t0, device, token_norm_per_image=img_norm, token_rms=tok_rms, ln_nullspace_check=ln_check);
 
 # %% [markdown]
 # ## What the numbers say

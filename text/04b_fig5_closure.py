@@ -24,7 +24,7 @@
 # %%
 import time
 import numpy as np, pandas as pd, torch, matplotlib.pyplot as plt
-from tqdm.auto import tqdm
+from ns_vit.progress import tqdm
 from ns_vit.data import load_images, repo_root
 from ns_vit.models import get_model, default_vit, as_vit, DEFAULT_CHECKPOINT, experiment_model, loader_size
 from fastcore.test import test_close
@@ -149,7 +149,7 @@ fig.colorbar(im, ax=axs[1], label='mse_prob'); axs[1].title.set_fontsize(10)
 fig.tight_layout()
 save_figure(fig, rep, 'fig5'); plt.close(fig)
 save_table(noises, rep, 'fig5_noises'); save_table(scaling, rep, 'fig5a_scaling'); save_table(pairs, rep, 'fig5b_pairs')
-write_meta(rep, params, t0, device, token_norm_per_image=img_norm, mean_cosine=cos[~torch.eye(n_noises, dtype=bool)].mean().item())
+write_meta(rep, params, t0, device, token_norm_per_image=img_norm, mean_cosine=cos[~torch.eye(n_noises, dtype=bool)].mean().item());
 
 
 # %% [markdown]

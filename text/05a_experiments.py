@@ -20,7 +20,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
+from ns_vit.progress import tqdm
 from fastcore.basics import IN_NOTEBOOK
 from fastcore.docments import docments
 from ns_vit.data import load_images, cifar10, image_folder, repo_root

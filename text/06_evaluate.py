@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn, Tensor
-from tqdm.auto import tqdm
+from ns_vit.progress import tqdm
 from ns_vit.data import cifar10, cache_dir, image_folder
 from ns_vit.cache import cached, content_digest, file_digest, folder_digest
 from ns_vit.models import predict, get_model, weights_digest, loader_size, checkpoint_file

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 import torchattacks
 from torchattacks.attack import Attack
-from tqdm.auto import tqdm
+from ns_vit.progress import tqdm
 from ns_vit.models import as_vit, model_device
 from ns_vit.attention import record_attention, token_layout
 from ns_vit.checks import check_images, check_model

@@ -23,7 +23,7 @@ from torch import nn, Tensor
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
+from ns_vit.progress import tqdm
 import ns_vit
 from ns_vit.data import UInt8Images, cifar10, cache_dir, repo_root
 from ns_vit.training import atomic_save

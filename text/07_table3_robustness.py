@@ -245,7 +245,7 @@ save_table(table, rep, 'table3'); save_table(values_table(results), rep, 'table3
 save_table(tradeoff, rep, 'tradeoff'); save_table(shown, rep, 'paired_tests'); save_table(paired_table(with_holm(gains)), rep, 'gains_vs_base')
 atomic_save(conclusion + '\n', rep / 'conclusion.md', lambda o, q: Path(q).write_text(o))
 write_meta(rep, params, t0, device, runs={k: r['run_dir'] for k, r in runs.items()}, conclusion=conclusion,
-           chosen_budgets={k: dict(adv_eps=c.adv_eps, steps=c.steps) for k, c in configs.items() if k in adv_methods})
+           chosen_budgets={k: dict(adv_eps=c.adv_eps, steps=c.steps) for k, c in configs.items() if k in adv_methods});
 
 # %%
 #| notest

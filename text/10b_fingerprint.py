@@ -608,7 +608,7 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 import pandas as pd, matplotlib.pyplot as plt
 from sklearn.metrics import roc_auc_score, roc_curve
-from tqdm.auto import tqdm
+from ns_vit.progress import tqdm
 from ns_vit.data import cifar10, load_images, augment, repo_root
 from ns_vit.models import (default_vit, load_default_model, save_checkpoint, load_checkpoint, model_card, DEFAULT_ARCH,
                            DEFAULT_ARCH_KWARGS, DEFAULT_CHECKPOINT)
@@ -1124,8 +1124,7 @@ save_table(per_kind, rep, 'fpr_by_kind'); save_table(evasions, rep, 'evasions');
 write_meta(rep, params, t0, device, threshold=thr, fraction_of_chance=frac, chance=chance, calibration=list(calib),
            held_out=list(held_out), fpr_held_out=[fp_k, fp_n], owner_moved_from_init=moved_owner,
            negatives_moved_from_init=moved, **{f'auc {k}': thr_table[f'AUC {k}'].item() for k in rocs},
-           certifies=verdict['certifies'], certifies_sentence=verdict['sentence'], impostor_cost_estimate_min=cost if impostors else None)
-
+           certifies=verdict['certifies'], certifies_sentence=verdict['sentence'], impostor_cost_estimate_min=cost if impostors else None);
 
 # %% [markdown]
 # ## What the numbers say
