@@ -10,7 +10,7 @@ export PYTHONHASHSEED := 0
 # real CIFAR-10 beside the project (CI and these machines); elsewhere set NS_VIT_DATA yourself or let torchvision download
 export NS_VIT_DATA ?= $(if $(wildcard ../shared/data/cifar10-jpeg.tar.gz),$(abspath ../shared/data),)
 
-.PHONY: install test nbtest pytest export clean check-sync reports worker study bench gpu-check pretrain pretrain-ti8 readme docs docs-check pairs check-pairs
+.PHONY: install test nbtest pytest export clean check-sync reports worker index study bench adv-sweep fingerprint-impostors gpu-check pretrain pretrain-ti8 readme docs docs-check pairs check-pairs
 
 install:  ## create .venv and install ns_vit with pinned dependencies
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,19 +38,20 @@ check-sync:  ## fail if nbdev_export or nbdev_clean would change the tree
 	git diff --exit-code --stat -- nbs ns_vit || (echo "notebooks and ns_vit/ out of sync: run make export clean"; exit 1)
 	test -z "$$(git status --porcelain -- nbs ns_vit)" || (git status --porcelain -- nbs ns_vit; echo "untracked exports"; exit 1)
 
+# Which notebook writes which report, which target runs it and with which parameters: the registry ns_vit.report.RUNS
+# (nbs/00a_report.ipynb). The notebooks of `make reports` and their order come from it; every papermill command below
+# is checked against it (tests/test_registry.py).
 # make reports: two workers side by side (two 1-thread torch jobs use this 2-core machine better than one 2-thread job)
 # take the notebooks in turn from one queue, so that neither sits idle while there is work (fixed lanes left a core idle
-# for a quarter of an hour). Runs and data sets are shared through their run folders and caches: one that another
-# process is making is waited for, then reused; the order is therefore only about speed: the longest first (Table 2,
-# 09, which also trains the models that 05, 07 and 08 reuse), the data sets next, Table 3 (07, which reuses 09's
-# models and scores) last. The reproduction study (11) is not part of it: `make study` writes reports/reproduction
-# (5 seeds per arm); a 3-seed copy of its default cell here cost 46 of 152 CPU-minutes and repeated 3 of those 5 seeds.
+# for a quarter of an hour); the registry's order is only about speed (why: its comment). The reproduction study (11) is
+# not part of it: `make study` writes reports/reproduction (5 seeds per arm); a 3-seed copy of its default cell here
+# cost 46 of 152 CPU-minutes and repeated 3 of those 5 seeds.
 # Minutes per notebook go to runs/reports/minutes.txt and reports/benchmarks/make_reports_minutes.md.
-REPORT_NBS ?= 09_table2_robustness 06d_damagenet 06b_corruptions 08_table4_eps_ablation 10b_fingerprint \
-  04a_fig3_approx_nullspace 06a_attacks 05_finetune 04b_fig5_closure 10a_explain 10_blend 03_nullspace 07_table3_robustness
+REPORT_NBS ?= $(shell $(BIN)/python -c "from ns_vit.report import make_list; print(make_list('reports'))")
 PAPERMILL = OMP_NUM_THREADS=1 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill --no-progress-bar -p commit_report True
 
 reports:  ## regenerate every figure and table into reports/ at default parameters (CPU minutes: reports/benchmarks)
+	test -n "$(REPORT_NBS)" || { echo "no notebooks for make reports from ns_vit.report.RUNS: run make install"; exit 1; }
 	mkdir -p runs/reports reports/notebooks; rm -f runs/reports/minutes.txt runs/reports/failed
 	printf '%s\n' $(REPORT_NBS) > runs/reports/queue
 	set -e; s=$$(date +%s); \
@@ -64,6 +65,9 @@ worker:  ## one worker of `make reports`: the next notebook of runs/reports/queu
 	  $(PAPERMILL) nbs/$$nb.ipynb reports/notebooks/$$nb.ipynb --cwd . -p threads 1 > runs/reports/$$nb.log 2>&1 \
 	  || { touch runs/reports/failed; tail -30 runs/reports/$$nb.log; exit 1; }; \
 	  echo "$$nb $(W) $$(( $$(date +%s) - s ))" >> runs/reports/minutes.txt; done; test ! -e runs/reports/failed
+
+index:  ## regenerate reports/README.md from the registry (ns_vit.report.RUNS) and each report's own meta.json
+	$(BIN)/python -c "from ns_vit.report import write_index; print(write_index())"
 
 # the reproduction study (notebook 11), into reports/reproduction (reusing every finished run; kill-safe: a rerun resumes):
 # - the default cell: every arm over five seeds;
@@ -96,12 +100,19 @@ study:  ## the reproduction study (issues 15, 25, 26; many hours on 1 CPU core; 
 	OMP_NUM_THREADS=$(or $(STUDY_THREADS),2) PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/11_reproduction.ipynb reports/notebooks/11_reproduction.ipynb \
 	  --cwd . -p cells '$(STUDY_CELLS)' -p screen '$(SCREEN)' -p report reproduction -p threads $(or $(STUDY_THREADS),2) -p commit_report True \
 	  $$([ -f reports/reproduction/vit-ti8/paired_raw.csv ] && echo "-p also reproduction/vit-ti8")
+	$(MAKE) -s index
 
 bench:  ## NS/plain time ratio (both embedded models), evaluation-suite minutes, ImageFolder loader images/s -> reports/benchmarks/
-	mkdir -p runs/reports
-	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/12_benchmarks.ipynb runs/reports/12_benchmarks.ipynb --cwd . -p commit_report True
+	mkdir -p runs/reports reports/notebooks
+	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/12_benchmarks.ipynb reports/notebooks/12_benchmarks.ipynb --cwd . -p commit_report True
 	if [ -f data/vit_ti8.safetensors ]; then OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/12_benchmarks.ipynb \
 	  runs/reports/12_benchmarks_vit-ti8.ipynb --cwd . -p model vit-ti8 -p commit_report True; fi
+	$(MAKE) -s index
+
+adv-sweep:  ## Table 3's adversarial-training budget sweep (issue 27; about 3.5 CPU-hours on 1 core; reuses run folders) -> reports/table3_robustness
+	mkdir -p runs/reports reports/notebooks
+	$(PAPERMILL) nbs/07_table3_robustness.ipynb runs/reports/07_table3_robustness_sweep.ipynb --cwd . -p sweep True -p threads 1
+	$(MAKE) -s index
 
 gpu-check:  ## on a GPU machine: main job on cuda, NS vs plain steps of ViT-S/B at 224 px (bf16 too), torchrun with one process
 	mkdir -p runs/reports
@@ -110,13 +121,29 @@ gpu-check:  ## on a GPU machine: main job on cuda, NS vs plain steps of ViT-S/B 
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/05_finetune.ipynb runs/reports/05_finetune_cuda.ipynb --cwd . -p device cuda \
 	  -p report benchmarks/cuda/finetune -p out runs/gpu-check/ns -p commit_report True
 	$(BIN)/torchrun --standalone --nproc_per_node 1 -m ns_vit.experiments --device cuda --steps 40 --out runs/gpu-check/torchrun
+	$(MAKE) -s index
 
 pretrain:  ## retrain the embedded default model (data/default_vit.safetensors), about 35-60 min on 2 CPU cores
 	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/02_pretrain.ipynb runs/pretrain/02_pretrain.ipynb --cwd . -p commit_report True
+	$(MAKE) -s index
 
 pretrain-ti8:  ## pretrain the larger embedded model vit-ti8 (issue 26; hours on 1 CPU core; a rerun resumes) -> data/vit_ti8.safetensors
 	OMP_NUM_THREADS=1 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill --no-progress-bar nbs/02_pretrain.ipynb runs/pretrain/02_pretrain_vit-ti8.ipynb \
 	  --cwd . -p model vit-ti8 -p lr 1e-3 -p threads 1 -p commit_report True
+	$(MAKE) -s index
+
+# The fingerprint against its realistic impostors (issue 27), beside `make reports` (whose run of notebook 10b, at its
+# defaults, stays within that budget): 10b with -p impostors True trains n_near near-accuracy negatives (own init, the
+# owner's recipe for 20 epochs on 50,000 images each; resumable epoch by epoch) and finetunes the public parent for the
+# owner and four other parties (run folders under runs/finetune, shared with 05, 09 and 11), into reports/fingerprint/impostors
+# only. About 65 CPU-minutes on one thread when nothing is cached (the notebook prints its estimate first; the near-accuracy
+# negatives are 55 of them), plus about 13 for the default run's models when `make reports` has not cached them; a rerun
+# reuses every finished model.
+fingerprint-impostors:  ## the fingerprint against other parties' finetunes of the same parent and near-accuracy negatives (about 1 h on 2 cores) -> reports/fingerprint/impostors
+	mkdir -p runs/reports
+	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill --no-progress-bar nbs/10b_fingerprint.ipynb \
+	  runs/reports/10b_fingerprint_impostors.ipynb --cwd . -p impostors True -p threads 2 -p commit_report True
+	$(MAKE) -s index
 
 readme:  ## regenerate the study headline from its committed table, then README.md from nbs/index.ipynb and the committed reports
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -c "from ns_vit.report import render_readme, write_headline; write_headline(); print(render_readme())"

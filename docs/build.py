@@ -1,8 +1,9 @@
 """Build the ns_vit site (`make docs`): the notebooks in the paper's order, with their results, as static HTML in _site/.
 
 Library notebooks come from nbs/ (code and tests, no outputs); experiment notebooks come from their executed copies in
-reports/notebooks/ (written by `make reports`) when one exists, else from nbs/ with a note that says so. Every artifact
-folder under reports/ becomes a page with its figures, tables and how it was made. The pages are staged in
+reports/notebooks/ (kept there by `make reports`, `make study` and `make bench`) when one exists, else from nbs/ with a
+note that says so. Every artifact folder under reports/ becomes a page with its figures, tables and how it was made.
+Which notebook writes which report and which make target runs it come from the registry, ns_vit.report.RUNS. The pages are staged in
 _docs_src/docs/ and built by mkdocs (material theme, mkdocs-jupyter) with docs/mkdocs.yml; nothing is fetched from the
 network (no web fonts, MathJax from a local copy).
 
@@ -23,17 +24,9 @@ SECTIONS = [
     ('§5 Evaluation', ['06_evaluate', '06a_attacks', '06b_corruptions', '06c_shifts', '06d_damagenet']),
     ('§6 Applications', ['10_blend', '10a_explain', '10b_fingerprint']),
     ('Benchmarks', ['12_benchmarks']),
-    ('Library basics', ['index', '00_data', '00a_report', '00b_stats', '01_models', '01a_attention', '01b_training',
-                        '01c_cache', '01d_checks', '02_pretrain']),
+    ('Library basics', ['index', '00_data', '00a_report', '00b_stats', '00c_progress', '01_models', '01a_attention',
+                        '01b_training', '01c_cache', '01d_checks', '02_pretrain']),
 ]
-# report folder (its first part) -> the notebook that writes it
-WRITTEN_BY = {'table1_nullspace_dims': '03_nullspace', 'fig2_exact_nullspace': '03_nullspace',
-              'fig3_approx_nullspace': '04a_fig3_approx_nullspace', 'fig5_closure': '04b_fig5_closure',
-              'finetune': '05_finetune', 'table2_robustness': '09_table2_robustness', 'table3_robustness': '07_table3_robustness',
-              'table4_eps_ablation': '08_table4_eps_ablation', 'reproduction': '11_reproduction', 'attack_budgets': '06a_attacks',
-              'corruptions': '06b_corruptions', 'damagenet_cifar10': '06d_damagenet', 'fig6_watermark': '10_blend',
-              'fig7_lookalike': '10_blend', 'fig8_10_saliency': '10a_explain', 'fingerprint': '10b_fingerprint',
-              'benchmarks': '12_benchmarks', 'pretrain': '02_pretrain'}
 NOT_SHOWN = {'site_screenshot.png'}  # the browser check's picture of this site, kept with the Table 2 report
 MATHJAX_CONFIG = '''// ns_vit's MathJax settings for the site: the STIX web fonts shipped in the local copy, no font probe on about:blank
 MathJax.Hub.Config({"HTML-CSS": {availableFonts: [], webFont: "STIX-Web", imageFont: null,
@@ -47,6 +40,40 @@ def paper_artifacts() -> dict[str, str]:
     "Report folder -> its name in the paper (ns_vit.report.PAPER_ARTIFACTS)."
     from ns_vit.report import PAPER_ARTIFACTS
     return PAPER_ARTIFACTS
+
+
+def written_by(rel: str) -> str | None:
+    "The notebook that writes report folder `rel` (the registry, ns_vit.report.RUNS); None if no run does."
+    from ns_vit.report import writer
+    run = writer(rel)
+    return run.notebook if run else None
+
+
+def _params_text(params: dict, width: int = 40) -> str:
+    "Papermill parameters as `name=value`, long values cut."
+    short = lambda v: (s if len(s := v if isinstance(v, str) else repr(v)) <= width else s[:width - 1] + '…')
+    return ', '.join(f'{k}={short(v)}' for k, v in params.items())
+
+
+def provenance_note(name: str, nb: dict, executed: bool) -> str:
+    "The note at the top of a notebook's page: which copy it is, with what parameters, and which make target makes it."
+    from ns_vit.report import RUNS, executed_by
+    run = executed_by(f'reports/notebooks/{name}.ipynb')
+    keeps = f'{run.made_by} regenerates it' if run else 'no make target regenerates it (ns_vit.report.RUNS)'
+    if executed:
+        pm = nb['metadata'].get('papermill', {})
+        return (f"*Executed copy* (`reports/notebooks/{name}.ipynb`"
+                + (f", papermill parameters `{_params_text(pm['parameters'])}`" if pm.get('parameters') else '')
+                + (f", finished {pm['end_time'][:16].replace('T', ' ')} UTC" if pm.get('end_time') else '')
+                + f"; {keeps}); the source is `nbs/{name}.ipynb`."
+                + (' **The run stopped with an error**: its last cells did not run.' if pm.get('exception') else ''))
+    if not any('parameters' in c.get('metadata', {}).get('tags', []) for c in nb['cells']):
+        return f"Library notebook `nbs/{name}.ipynb`: the code of the module with its tests, shown without outputs."
+    if run: return (f"*Not executed yet*: this is the source notebook `nbs/{name}.ipynb` without outputs. `make {run.target}` "
+                    f"keeps an executed copy in `reports/notebooks/`, which this page then shows; the results are on the report pages.")
+    made = [f"`make {r.target}` writes one to `{r.executed}`" for r in RUNS if r.notebook == name and r.target and r.executed]
+    return (f"*Source notebook* `nbs/{name}.ipynb`, without outputs: no executed copy is committed"
+            + (f" ({'; '.join(made)})" if made else '') + "; the results are on the report pages.")
 
 
 def nb_title(path: Path) -> str:
@@ -69,27 +96,13 @@ def _md_cell(text: str, cell_id: str = 'ns-vit-site-note') -> dict:
     return {'cell_type': 'markdown', 'id': cell_id, 'metadata': {}, 'source': text}
 
 
-KEPT_BY = {'11_reproduction': 'make study'}  # the make target that keeps a notebook's executed copy (others: make reports)
-
-
 def stage_notebook(name: str, docs: Path, executed_dir: Path) -> tuple[str, bool]:
     "Copy nbs/<name> (or its executed copy) to docs/notebooks/, without nbdev's hidden cells; (site path, executed?)."
     src, run = ROOT / 'nbs' / f'{name}.ipynb', executed_dir / f'{name}.ipynb'
-    executed, target = run.exists(), KEPT_BY.get(name, 'make reports')
+    executed = run.exists()
     nb = json.loads((run if executed else src).read_text())
     cells = [c for c in nb['cells'] if not re.match(r'#\|\s*(hide|default_exp)\b', ''.join(c['source']).strip())]
-    has_parameters = any('parameters' in c.get('metadata', {}).get('tags', []) for c in nb['cells'])
-    if executed:
-        pm = nb['metadata'].get('papermill', {})
-        note = (f"*Executed copy* (`reports/notebooks/{name}.ipynb`, written by `{target}`"
-                + (f", finished {pm['end_time'][:16].replace('T', ' ')} UTC" if pm.get('end_time') else '')
-                + f"); the source is `nbs/{name}.ipynb`."
-                + (' **The run stopped with an error**: its last cells did not run.' if pm.get('exception') else ''))
-    elif has_parameters:
-        note = (f"*Not executed yet*: this is the source notebook `nbs/{name}.ipynb` without outputs. `{target}` "
-                f"keeps an executed copy in `reports/notebooks/`, which this page then shows; the results are on the report pages.")
-    else:
-        note = f"Library notebook `nbs/{name}.ipynb`: the code of the module with its tests, shown without outputs."
+    note = provenance_note(name, nb, executed)
     first = 1 if cells and cells[0]['cell_type'] == 'markdown' else 0
     cells.insert(first, _md_cell(_note_html(note)))
     nb['cells'] = cells
@@ -109,12 +122,13 @@ def stage_report(folder: Path, docs: Path, names: dict[str, str]) -> str:
     out = docs / 'reports' / rel
     out.mkdir(parents=True, exist_ok=True)
     meta = json.loads((folder / 'meta.json').read_text())
-    nb = WRITTEN_BY.get(rel.split('/')[0])
+    from ns_vit.report import writer
+    run = writer(rel)
     up = '../' * (rel.count('/') + 2)  # from reports/<rel>/index.html to the site root
     lines = [f'# {names.get(rel, rel)}', '',
-             f"`reports/{rel}/`" + (f', written by [{nb}]({up}notebooks/{nb}.ipynb)' if nb else '')
-             + f" at commit `{meta.get('git_commit', '?')}` on {meta.get('device', '?')} in {meta.get('wall_time_s', '?')} s "
-             f"({meta.get('created', '?')}).", '']
+             f"`reports/{rel}/`" + (f', written by [{run.notebook}]({up}notebooks/{run.notebook}.ipynb)' if run else '')
+             + f" at commit `{meta.get('git_commit', '?')}` (its meta.json) on {meta.get('device', '?')} in {meta.get('wall_time_s', '?')} s "
+             f"({meta.get('created', '?')}).", '', *([f'Regenerated {run.how}.', ''] if run else [])]
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name not in NOT_SHOWN)
     mds = {p.stem: p.read_text() for p in files if p.suffix == '.md'}
     pngs = {p.stem: p for p in files if p.suffix == '.png'}
@@ -144,14 +158,17 @@ def home_page(nav_sections: list, report_pages: dict[str, str], names: dict[str,
     headline = ROOT / 'reports' / 'reproduction' / 'headline.md'  # the study's finding in plain words (notebook 11 / make readme)
     found = (['## What we found', '', headline.read_text().strip(), '', f'The study, its tables and figures: '
               f'[reports/reproduction]({report_pages["reproduction"]}).', ''] if headline.exists() and 'reproduction' in report_pages else [])
+    from ns_vit.report import RUNS, writer
+    keepers = ', '.join(f'`make {t}`' for t in dict.fromkeys(r.target for r in RUNS if r.executed.startswith('reports/notebooks/')))
     lines = ['# ns_vit', '', intro, '', *found,
              'Every notebook of the repository, in the paper\'s order, with its results: experiment notebooks as executed '
-             'by `make reports`, library notebooks with their code and tests. Built offline by `make docs`.', '',
-             '## The paper\'s artifacts', '', '| artifact | report | notebook |', '|---|---|---|']
+             f'by their make targets ({keepers}), library notebooks with their code and tests. Built offline by `make docs`.', '',
+             '## The paper\'s artifacts', '', '| artifact | report | notebook | regenerated by |', '|---|---|---|---|']
     for rel, name in names.items():
         if rel in report_pages:
-            nb = WRITTEN_BY.get(rel.split('/')[0])
-            lines.append(f'| [{name}]({report_pages[rel]}) | `reports/{rel}` | ' + (f'[{nb}](notebooks/{nb}.ipynb)' if nb else '') + ' |')
+            run = writer(rel)
+            lines.append(f'| [{name}]({report_pages[rel]}) | `reports/{rel}` | '
+                         + (f'[{run.notebook}](notebooks/{run.notebook}.ipynb) | {run.made_by}' if run else ' |') + ' |')
     lines += ['', '## The notebooks, section by section', '', '| section | notebooks |', '|---|---|']
     for section, nbs in nav_sections:
         links = ', '.join(f'[{nb}](notebooks/{nb}.ipynb)' + (' (executed)' if nb in executed else '') for nb in nbs)
@@ -175,7 +192,7 @@ def stage(docs: Path, executed_dir: Path) -> list:
             if done: executed.add(nb)
             items.append({f'{nb} · {nb_title(ROOT / "nbs" / f"{nb}.ipynb")}': page})
             for rel, p in report_pages.items():  # the artifacts this notebook writes, top-level folders only in the nav
-                if WRITTEN_BY.get(rel.split('/')[0]) == nb and (rel in names or '/' not in rel):
+                if written_by(rel) == nb and (rel in names or '/' not in rel):
                     items.append({f'↳ {names.get(rel, rel)}': p}); listed.add(rel)
         nav.append({section: items})
     missing = sorted({p.stem for p in (ROOT / 'nbs').glob('*.ipynb')} - {nb for _, nbs in SECTIONS for nb in nbs})

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 import torchattacks
 from torchattacks.attack import Attack
-from tqdm.auto import tqdm
+from .progress import tqdm
 from .models import as_vit, model_device, eval_mode, num_classes, patch_size, token_layout  # `num_classes`, `patch_size` re-exported here (`_all_`)
 from .attention import record_attention
 from .checks import check_images, check_model

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn, Tensor
-from tqdm.auto import tqdm
+from .progress import tqdm
 import cv2
 from PIL import Image
 from scipy.ndimage import gaussian_filter, map_coordinates, zoom as scizoom

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from .progress import tqdm
 import ns_vit
 from .data import UInt8Images, cifar10, cache_dir, repo_root
 from .models import CIFAR10_MEAN, CIFAR10_STD, accuracy, model_device, weights_digest, frozen, save_checkpoint, load_checkpoint

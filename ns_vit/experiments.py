@@ -4,17 +4,17 @@
 
 # %% ../nbs/05a_experiments.ipynb #5638a679
 from __future__ import annotations
-import argparse, copy, json, math, os, sys, time
+import argparse, copy, json, math, os, shlex, sys, time
 from dataclasses import asdict, replace
 from pathlib import Path
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
+from .progress import tqdm
 from fastcore.basics import IN_NOTEBOOK
 from fastcore.docments import docments
 from .data import load_images, cifar10, image_folder, repo_root
 from .training import atomic_save, rank_world, claim_run_dir, run_lock, clean_tmp, read_state
-from .models import PixelViT, accuracy, get_model, save_checkpoint, load_checkpoint, weights_digest
+from .models import PixelViT, accuracy, get_model, save_checkpoint, load_checkpoint, weights_digest, base_card, loader_size, checkpoint_file
 from .attacks import adversarial_accuracy
 from .finetune import FinetuneConfig, METHODS, NOISE_SOURCES, finetune
 from .evaluate import CliHelp, evaluate_models
@@ -22,17 +22,17 @@ from .evaluate import CliHelp, evaluate_models
 
 # %% auto #0
 __all__ = ['HELDOUT_SEED', 'CHOICES', 'RUN_OPTIONS', 'FINETUNE_EXAMPLE', 'train_data', 'run_name', 'run_finetune', 'check_state',
-           'option_help', 'cli_parser', 'main', 'compare_methods']
+           'option_help', 'cli_parser', 'finetune_command', 'main', 'compare_methods', 'sweep_choice']
 
 # %% ../nbs/05a_experiments.ipynb #e4960889
-def train_data(dataset: str = 'cifar10', train_fraction: float = 0.1, seed: int = 0):
-    "The finetuning set: a seeded `train_fraction` of CIFAR-10 train, or of an ImageFolder's `train/` folder."
+def train_data(dataset: str = 'cifar10', train_fraction: float = 0.1, seed: int = 0, *, img_size: int = 224, crop_pct: float = 0.875):
+    "The finetuning set: a seeded `train_fraction` of CIFAR-10 train, or of an ImageFolder's `train/` folder loaded at `img_size` (`loader_size(model)`)."
     if not 0 < train_fraction <= 1: raise ValueError(f'train_fraction must be in (0, 1], got {train_fraction}')
     if dataset == 'cifar10':
         ds = cifar10('train')
         return ds.subset(max(1, int(train_fraction * len(ds))), seed)
     root = Path(dataset).expanduser()
-    ds = image_folder(root / 'train' if (root / 'train').is_dir() else root)
+    ds = image_folder(root / 'train' if (root / 'train').is_dir() else root, img_size, crop_pct)
     n = max(1, int(train_fraction * len(ds)))
     return torch.utils.data.Subset(ds, torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].tolist())
 
@@ -47,7 +47,7 @@ def run_name(cfg: FinetuneConfig, base_id: str) -> str:
 # %% ../nbs/05a_experiments.ipynb #bc3483f1
 def run_finetune(cfg: FinetuneConfig, *,
                  model: str = 'default',  # 'default' (embedded CIFAR-10 ViT) or a timm ViT name
-                 checkpoint: str = '',  # weights: '' (the default model's), a file, or 'hub'
+                 checkpoint: str = '',  # weights: '' (the model's own), a finetune run folder, a .safetensors or plain state dict (.pth) of --model, or 'hub'
                  dataset: str = 'cifar10',  # 'cifar10' or an ImageFolder root with train/ and val/
                  train_fraction: float = 0.1,  # share of the training set
                  eval_size: int = 500,  # held-out test images for the clean/FGSM curves (0: none)
@@ -63,7 +63,8 @@ def run_finetune(cfg: FinetuneConfig, *,
     "Finetune a base model with `cfg` into a run folder and reuse the folder when it is finished: model, base, logs, done."
     cfg = replace(cfg, augment=cfg.augment and dataset == 'cifar10').validate()  # ImageFolder images come cropped; the caller's cfg is untouched
     base = get_model(model, checkpoint, device)
-    data = train_data(dataset, train_fraction, cfg.seed)
+    size = loader_size(base)  # an image folder is loaded at the model's input size
+    data = train_data(dataset, train_fraction, cfg.seed, **size)
     if len(data) < cfg.batch_size: raise ValueError(f'{len(data)} training images, fewer than one batch of {cfg.batch_size}')
     base_id = weights_digest(base)
     run_dir = Path(out) if out else (Path(runs_root) if runs_root else repo_root() / 'runs' / 'finetune') / run_name(cfg, base_id)
@@ -75,9 +76,9 @@ def run_finetune(cfg: FinetuneConfig, *,
             return dict(model=load_checkpoint(run_dir / 'model.safetensors', device)[0], base=base, run_dir=run_dir,
                         logs=json.loads((run_dir / 'metrics.json').read_text())['logs'], cached=True, done=True)
         check_state(run_dir, cfg)
-        val = load_images(dataset, 'test', eval_size, cfg.seed + 1) if eval_size else None
+        val = load_images(dataset, 'test', eval_size, cfg.seed + 1, **size) if eval_size else None
         monitor = (lambda m: dict(val_clean=accuracy(m, *val), val_fgsm=adversarial_accuracy(m, *val, 'fgsm', eps=cfg.adv_eps))) if val else None
-        heldout = load_images(dataset, 'test', heldout_size, HELDOUT_SEED)[0] if heldout_size and cfg.method in ('ns', 'gaussian') else None
+        heldout = load_images(dataset, 'test', heldout_size, HELDOUT_SEED, **size)[0] if heldout_size and cfg.method in ('ns', 'gaussian') else None
         num_workers = num_workers if num_workers >= 0 else (0 if dataset == 'cifar10' else min(8, os.cpu_count() or 1))
         t0 = time.time()
         res = finetune(copy.deepcopy(base), data, cfg, run_dir=run_dir, monitor=monitor, eval_every=eval_every,
@@ -95,9 +96,7 @@ def check_state(run_dir: str | Path, cfg: FinetuneConfig) -> None:
 
 def _card(m: PixelViT, model: str, checkpoint: str, dataset: str, cfg: FinetuneConfig, train_fraction: float) -> dict:
     "The model card of a finetuned model: base architecture plus how it was finetuned."
-    base_card = load_checkpoint(checkpoint or repo_root() / 'data/default_vit.safetensors')[1] if model == 'default' else \
-        dict(arch=model, arch_kwargs={})
-    return dict(base_card, finetune=asdict(cfg), base_model=model, base_checkpoint=checkpoint, dataset=dataset,
+    return dict(base_card(model, checkpoint), finetune=asdict(cfg), base_model=model, base_checkpoint=checkpoint, dataset=dataset,
                 train_fraction=train_fraction, mean=m.mean.flatten().tolist(), std=m.std.flatten().tolist())
 
 
@@ -158,6 +157,14 @@ def cli_parser() -> argparse.ArgumentParser:
         g.add_argument(f'--{k.replace("_", "-")}', type=t, default=default, metavar=_METAVARS[t], help=option_help(run[k]['docment']))
     return p
 
+def finetune_command(run_dir: str | Path) -> str:
+    "The `ns-vit-finetune` command that starts or resumes the run in `run_dir`: its folder and the options of its run.json that are not defaults."
+    spec, run, defaults = json.loads((Path(run_dir) / 'run.json').read_text()), docments(run_finetune, full=True), asdict(FinetuneConfig())
+    opts = {k: spec[k] for k in ('model', 'checkpoint', 'dataset', 'train_fraction') if spec[k] != run[k]['default']}
+    opts |= {k: v for k, v in spec['config'].items() if k in defaults and v != defaults[k]}
+    words = [w for k, v in opts.items() for w in (f'--{k.replace("_", "-")}', str(v).lower() if isinstance(v, bool) else str(v))]
+    return shlex.join(['ns-vit-finetune', '--out', str(run_dir), *words])
+
 def main(argv: list[str] | None = None) -> None:
     "Console entry point `ns-vit-finetune`; works alone or under torchrun."
     p = cli_parser()
@@ -166,6 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     except (TypeError, ValueError) as e: p.error(str(e))  # exit 2 with the message, before any work
     stop_after = a.pop('stop_after')
     if stop_after is not None and stop_after < 1: p.error(f'--stop-after must be >= 1, got {stop_after}')
+    if a['checkpoint'] not in ('', 'hub'):
+        try: checkpoint_file(a['checkpoint'])  # a missing file or an unfinished run folder: say so before any work
+        except FileNotFoundError as e: p.error(str(e))
     if int(os.environ.get('WORLD_SIZE', 1)) > 1 and not dist.is_initialized():
         dist.init_process_group('nccl' if a['device'].startswith('cuda') else 'gloo')
         if a['device'].startswith('cuda'): a['device'] = f'cuda:{int(os.environ.get("LOCAL_RANK", 0))}'
@@ -191,6 +201,22 @@ def compare_methods(configs: dict[str, FinetuneConfig], *, model: str = 'default
     if dataset != 'cifar10': data = {'val': str(Path(dataset) / 'val'), **(data or {})}
     table, results, paired = evaluate_models(models, suite, n, data, seed, reference, quiet)
     return table, runs, results, paired
+
+
+# %% ../nbs/05a_experiments.ipynb #2335a329
+def sweep_choice(path: str | Path,  # a sweep table written by notebook 07 (`sweep.csv`: method, adv_eps, steps, chosen)
+                 methods: tuple = ('madry', 'trades'),  # the methods whose chosen budget is wanted
+                 ) -> dict[str, dict]:
+    "The adversarial-training budgets a sweep chose: method → dict(adv_eps, steps); {} when there is no sweep table."
+    import pandas as pd
+    path = Path(path)
+    if not path.exists(): return {}
+    df = pd.read_csv(path)
+    missing = {'method', 'adv_eps', 'steps', 'chosen'} - set(df.columns)
+    if missing: raise ValueError(f'{path} lacks the columns {sorted(missing)}: rerun the sweep (make adv-sweep)')
+    rows = df[df.chosen.astype(str).str.lower().eq('true') & df.method.isin(methods)]
+    if rows.method.duplicated().any(): raise ValueError(f'{path} marks several chosen budgets for {sorted(set(rows.method[rows.method.duplicated()]))}')
+    return {r.method: dict(adv_eps=float(r.adv_eps), steps=int(r.steps)) for r in rows.itertuples()}
 
 
 # %% ../nbs/05a_experiments.ipynb #3c8c62dd

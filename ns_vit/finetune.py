@@ -13,7 +13,7 @@ from torch import nn, Tensor
 import torch.nn.functional as F
 import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm.auto import tqdm
+from .progress import tqdm
 from .data import augment
 from .training import cosine_lr, seed_of, rank_world, step_batches, gather, read_state, save_state  # `read_state` re-exported here (`_all_`)
 from .models import PixelViT, model_device, frozen

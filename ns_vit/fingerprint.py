@@ -7,17 +7,18 @@ from __future__ import annotations
 import copy, math
 from dataclasses import dataclass
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from .models import PixelViT, as_vit, check_vit, predict
 from .nullspace import patch_embed_nullspace
-from .stats import bootstrap_ci
+from .stats import bootstrap_ci, clopper_pearson
 
 # %% auto #0
 __all__ = ['DEFAULT_FRACTION', 'Fingerprint', 'fingerprint', 'principal_angles', 'chance_distance', 'compare',
            'random_fingerprint', 'calibrate_threshold', 'permute_residual', 'renormalised', 'prune_patch_embed',
-           'quantize_patch_embed', 'fingerprint_noise', 'blackbox_check']
+           'quantize_patch_embed', 'fingerprint_noise', 'blackbox_check', 'fpr_by_kind', 'certifies']
 
 # %% ../nbs/10b_fingerprint.ipynb #2df95efe
 @dataclass(frozen=True, eq=False)
@@ -214,3 +215,55 @@ def blackbox_check(suspect: nn.Module, owner: Fingerprint | nn.Module, images: T
     return dict(null=dn.mean().item(), random=dr.mean().item(), ratio=ci['value'], ratio_ci_low=ci['ci_low'],
                 ratio_ci_high=ci['ci_high'], flips_null=flips(v_null), flips_random=flips(v_rand), n_images=B,
                 n_noises=n_noises, norm=norm, clip=clip)
+
+# %% ../nbs/10b_fingerprint.ipynb #7188d7e3
+def fpr_by_kind(pairs: pd.DataFrame,  # one row per suspect: 'kind', 'model', 'distance' to the owner; optional 'expected', 'test_acc'
+                threshold: float,  # a suspect matches when its distance is below this (as in `compare`)
+                positives=(),  # distances of copies of the owner to it: each kind's AUC against them (empty: no AUC)
+                level: float = 0.95,  # level of the Clopper–Pearson interval
+                ) -> pd.DataFrame:
+    "Per kind (in order of appearance): suspects n, matches k, k/n with its exact interval, the closest suspect, the AUC."
+    missing = {'kind', 'model', 'distance'} - set(pairs.columns)
+    if missing: raise ValueError(f'pairs needs the columns kind, model and distance (one row per suspect); missing {sorted(missing)}')
+    if not len(pairs): raise ValueError('pairs is empty: pass one row per suspect model')
+    pos = np.asarray(positives, dtype=float)  # (P,)
+    if not (np.isfinite(pairs.distance.to_numpy(float)).all() and np.isfinite(pos).all()): raise ValueError('distances must be finite')
+    rows = []
+    for kind, g in pairs.groupby('kind', sort=False):
+        d = g.distance.to_numpy(float); k, n, i = int((d < threshold).sum()), len(d), int(d.argmin())  # d (n,)
+        lo, hi = clopper_pearson(k, n, level)
+        r = dict(kind=kind, expected=g.expected.iloc[0] if 'expected' in g else '', n=n, matches=k, match_rate=k / n,
+                 ci_low=lo, ci_high=hi, level=level, closest=g.model.iloc[i], distance_min=d[i], distance_max=d.max(), threshold=threshold,
+                 closest_over_threshold=d[i] / threshold if threshold > 0 else float('inf'))
+        if pos.size: r['auc'] = float(((pos[:, None] < d) + 0.5 * (pos[:, None] == d)).mean())  # (P, n) pairs
+        if 'test_acc' in g: r |= dict(acc_min=g.test_acc.min(), acc_max=g.test_acc.max())
+        rows.append(r)
+    return pd.DataFrame(rows)
+
+def certifies(per_kind: pd.DataFrame,  # `fpr_by_kind` of an owner whose model is a finetune of a public parent
+              siblings: str,  # the kind holding other parties' finetunes of that same parent
+              unrelated: list[str],  # the kinds trained from their own initialisation (no common ancestry with the owner)
+              ) -> dict:
+    "What a match certifies, read from the table: 'neither', 'ancestry', 'ownership' or 'not measured', with a plain sentence."
+    t = per_kind.set_index('kind')
+    un = t.loc[[k for k in unrelated if k in t.index]]
+    if not len(un): raise ValueError(f'none of the unrelated kinds {unrelated} is in the table (its kinds: {list(t.index)})')
+    counts = '; '.join(f'{k}: {r.matches} of {r.n} (exact {r.level:.0%} CI [{r.ci_low:.2f}, {r.ci_high:.2f}])' for k, r in un.iterrows())
+    if un.matches.sum() > 0:
+        return dict(certifies='neither', sentence='A match certifies neither ownership nor ancestry: models trained from their '
+                    f'own initialisation match the owner ({counts}).')
+    own = f'no model trained from its own initialisation matches ({counts})'
+    if siblings not in t.index:
+        return dict(certifies='not measured', sentence=f'Ownership or ancestry is not measured here: {own}, but telling the '
+                    "owner's model from other parties' finetunes of the same parent needs such finetunes.")
+    s = t.loc[siblings]
+    if s.matches > 0:
+        return dict(certifies='ancestry', sentence=f"A match certifies ancestry, not ownership: {s.matches} of {s.n} finetunes "
+                    "of the owner's public parent by other parties match the owner's model (distances "
+                    f'{s.distance_min:.3g}–{s.distance_max:.3g}, the farthest at {s.distance_max / s.threshold:.2g}× the threshold; '
+                    f'exact {s.level:.0%} CI of the rate [{s.ci_low:.2f}, {s.ci_high:.2f}]), while {own}. A match says that the suspect '
+                    "descends from the weights the owner started from, not that it is the owner's model.")
+    return dict(certifies='ownership', sentence=f"A match certifies ownership as far as measured: none of {s.n} finetunes of the "
+                f"owner's public parent by other parties matches the owner's model (the closest, {s.closest}, at "
+                f'{s.closest_over_threshold:.2f}× the threshold; exact {s.level:.0%} upper bound on the rate {s.ci_high:.2f}), and {own}.')
+

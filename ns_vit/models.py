@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Callable
 import torch
 from torch import nn, Tensor
+from .progress import quiet_tqdm_import
+quiet_tqdm_import()  # before timm, which imports tqdm.auto through huggingface_hub: see ns_vit.progress
 import timm
 from safetensors import SafetensorError
 from safetensors.torch import save_file, load_file, safe_open
@@ -18,12 +20,13 @@ from .training import atomic_save
 from .checks import check_images
 
 # %% auto #0
-__all__ = ['DEFAULT_ARCH', 'DEFAULT_ARCH_KWARGS', 'CIFAR10_MEAN', 'CIFAR10_STD', 'DEFAULT_CHECKPOINT', 'EMBEDDED_MODELS',
-           'PixelViT', 'math_attention', 'check_vit', 'as_vit', 'patch_size', 'token_layout', 'embed_shape',
-           'num_classes', 'input_size', 'in_chans', 'read_state_dict', 'split_normalizer', 'load_vit_weights',
-           'create_vit', 'model_card', 'weights_digest', 'save_checkpoint', 'read_card', 'load_checkpoint',
-           'embedded_vit', 'default_vit', 'load_embedded_model', 'load_default_model', 'eval_mode', 'frozen',
-           'model_device', 'predict', 'accuracy', 'get_model', 'experiment_model']
+__all__ = ['CHECKPOINT_FORMS', 'DEFAULT_ARCH', 'DEFAULT_ARCH_KWARGS', 'CIFAR10_MEAN', 'CIFAR10_STD', 'DEFAULT_CHECKPOINT',
+           'EMBEDDED_MODELS', 'PixelViT', 'math_attention', 'check_vit', 'as_vit', 'patch_size', 'token_layout',
+           'embed_shape', 'num_classes', 'input_size', 'in_chans', 'read_state_dict', 'split_normalizer',
+           'load_vit_weights', 'create_vit', 'model_card', 'weights_digest', 'save_checkpoint', 'load_checkpoint',
+           'checkpoint_file', 'checkpoint_card', 'embedded_vit', 'default_vit', 'load_embedded_model',
+           'load_default_model', 'load_plain_checkpoint', 'eval_mode', 'frozen', 'model_device', 'predict', 'accuracy',
+           'get_model', 'base_card', 'loader_size', 'experiment_model']
 
 # %% ../nbs/01_models.ipynb #40cc385a
 class PixelViT(nn.Module):
@@ -69,7 +72,7 @@ def as_vit(model: nn.Module) -> nn.Module:
     "The timm VisionTransformer inside `model` (a `PixelViT` or a bare ViT)."
     return model.vit if isinstance(model, PixelViT) else check_vit(model)
 
-# %% ../nbs/01_models.ipynb #906a374b
+# %% ../nbs/01_models.ipynb #0e87b3e5
 def patch_size(model: nn.Module) -> tuple[int, int]:
     "Pixel size (h, w) of one patch: the kernel of the patch embedding of the ViT inside `model`."
     return tuple(check_vit(as_vit(model)).patch_embed.proj.kernel_size)
@@ -118,10 +121,13 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return {k.removeprefix('module.'): v for k, v in sd.items() if isinstance(v, Tensor)}
 
 def split_normalizer(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], tuple | None, tuple | None]:
-    "Strip easyrobust's `0.mean`/`0.std` + `1.` layout; return (vit state dict, mean, std)."
-    if '0.mean' not in sd: return sd, None, None
-    mean, std = sd['0.mean'].flatten().tolist(), sd['0.std'].flatten().tolist()
-    return {k[2:]: v for k, v in sd.items() if k.startswith('1.')}, tuple(mean), tuple(std)
+    "(ViT state dict, mean, std) of `sd`: easyrobust's `0.mean`/`0.std` + `1.` layout, a `PixelViT`'s `mean`/`std` + `vit.`, or a bare ViT's (no mean, std)."
+    if '0.mean' in sd: mean, std, sd = sd['0.mean'], sd['0.std'], {k[2:]: v for k, v in sd.items() if k.startswith('1.')}
+    elif {'mean', 'std'} <= set(sd) and any(k.startswith('vit.') for k in sd):  # PixelViT.state_dict()
+        mean, std, sd = sd['mean'], sd['std'], {k: v for k, v in sd.items() if k not in ('mean', 'std')}
+    else: mean = std = None
+    if sd and all(k.startswith('vit.') for k in sd): sd = {k.removeprefix('vit.'): v for k, v in sd.items()}  # a wrapper's ViT
+    return sd, *(None if t is None else tuple(t.flatten().tolist()) for t in (mean, std))
 
 # %% ../nbs/01_models.ipynb #b209fc0e
 def _timm_vit(name: str, pretrained: bool, **kw) -> nn.Module:
@@ -142,16 +148,27 @@ def _arch_summary(sd: dict[str, Tensor]) -> str:
     parts = ([f'patch {pe.shape[-1]}', f'width {pe.shape[0]}'] if pe is not None else []) + [f'depth {depth}']
     return ', '.join(parts + ([f'{head.shape[0]} classes'] if head is not None else []))
 
+def _few(keys, k: int = 3) -> str:
+    "Up to `k` of `keys`, sorted, and how many more."
+    keys = sorted(keys)
+    return ', '.join(keys[:k]) + (f' and {len(keys) - k} more' if len(keys) > k else '')
+
+def _key_diff(sd: dict[str, Tensor], mine: dict[str, Tensor]) -> str:
+    "How state dict `sd` differs from a model's `mine`: a few keys of other shapes, missing and unexpected, with the counts."
+    shapes = [f'{k} {tuple(sd[k].shape)} ≠ {tuple(mine[k].shape)}' for k in sd if k in mine and mine[k].shape != sd[k].shape]
+    missing, unexpected = set(mine) - set(sd), set(sd) - set(mine)
+    parts = (('tensors of other shapes', shapes, 2), ('missing keys', missing, 3), ('unexpected keys', unexpected, 3))
+    return '; '.join(f'{len(ks)} {what}: {_few(ks, k)}' for what, ks, k in parts if ks)
+
 def load_vit_weights(vit: nn.Module, sd: dict[str, Tensor], source: str | Path, arch: str = '',
-                     stored: dict[str, Tensor] | None = None) -> nn.Module:
-    "Load the ViT state dict `sd` (read from `source`, as `stored` before resampling) into `vit`; another architecture's is an error naming both."
+                     stored: dict[str, Tensor] | None = None, advice: str = '') -> nn.Module:
+    "Load the ViT state dict `sd` (read from `source`, as `stored` before resampling) into `vit` strictly; another architecture's is an error naming both and a few keys."
     mine = vit.state_dict()
-    shapes = [k for k in sd if k in mine and mine[k].shape != sd[k].shape]
-    if shapes or set(mine) != set(sd):
+    if set(mine) != set(sd) or any(mine[k].shape != sd[k].shape for k in sd):
         raise ValueError(f'checkpoint {source} holds a ViT with {_arch_summary(stored or sd)}, but the model {arch or type(vit).__name__} '
-                         f'has {_arch_summary(mine)} ({len(shapes)} tensors of other shapes, {len(set(mine) - set(sd))} '
-                         f'missing, {len(set(sd) - set(mine))} unexpected): pass the architecture the checkpoint was '
-                         'trained with (--model and its kwargs), or model="default" for an ns_vit checkpoint')
+                         f'has {_arch_summary(mine)} ({_key_diff(sd, mine)}): {advice}pass the architecture the checkpoint '
+                         'was trained with as --model (model= in Python: an embedded model or a timm ViT name, with its kwargs), '
+                         'or a checkpoint ns_vit wrote (a run folder or save_checkpoint\'s .safetensors: its card names the architecture)')
     vit.load_state_dict(sd)
     return vit
 
@@ -190,24 +207,24 @@ def save_checkpoint(model: nn.Module, path: str | Path, card: dict) -> Path:
     atomic_save(card, path.with_suffix('.json'), lambda o, p: Path(p).write_text(json.dumps(o, indent=2) + '\n'))
     return path
 
-def read_card(path: str | Path) -> dict:
-    "The card in the metadata of checkpoint `path` (written by `save_checkpoint`); a clear error for a missing or corrupt file."
-    path = Path(path).expanduser()
-    if not path.is_file(): raise FileNotFoundError(f'checkpoint {path} does not exist')
-    try:
-        with safe_open(str(path), 'pt') as f: return json.loads((f.metadata() or {})['card'])
-    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
-        raise ValueError(f'{path} is corrupt or not an ns_vit checkpoint ({type(e).__name__}: {e})') from None
+def _card_vit(card: dict, path: Path) -> PixelViT:
+    "The `PixelViT` that `card` names, with the weights of checkpoint `path`."
+    arch, kwargs = card['arch'], card['arch_kwargs']
+    if not kwargs and arch in EMBEDDED_MODELS:  # the cards of vit-ti8 finetunes written before `base_card` named the model only
+        arch, kwargs = EMBEDDED_MODELS[arch]['arch'], EMBEDDED_MODELS[arch]['kwargs']
+    vit = load_vit_weights(_timm_vit(arch, False, **kwargs), read_state_dict(path), path, arch)
+    return PixelViT(vit, card['mean'], card['std'])
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = 'cpu', *,
                     build: Callable[[dict], nn.Module] | None = None,  # the empty model of a card (None: the `PixelViT` it names)
                     ) -> tuple[nn.Module, dict]:
     "Rebuild the model of a checkpoint written by `save_checkpoint` (eval mode) and its card, verifying the weights' sha256."
     path = Path(path).expanduser()
-    card = read_card(path)
-    if build is None:
-        vit = load_vit_weights(_timm_vit(card['arch'], False, **card['arch_kwargs']), read_state_dict(path), path, card['arch'])
-        model = PixelViT(vit, card['mean'], card['std'])
+    if not path.is_file(): raise FileNotFoundError(f'checkpoint {path} does not exist')
+    card = checkpoint_card(path)  # the one reader of cards; corrupt files are errors here
+    if card is None: raise ValueError(f'{path} is not an ns_vit checkpoint: it has no card (save_checkpoint writes one); '
+                                      'a plain state dict loads with load_plain_checkpoint(model name, path)')
+    if build is None: model = _card_vit(card, path)
     else:
         model = build(card)
         model.load_state_dict(read_state_dict(path))
@@ -216,6 +233,37 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = 'cpu', 
         raise ValueError(f'checkpoint {path} is corrupt: its weights do not match the sha256 in its card '
                          f'({weights_digest(model, 12)}… ≠ {want[:12]}…); restore or regenerate the file')
     return model.to(map_location).eval(), card
+
+CHECKPOINT_FORMS = ('a finetune run folder (its model.safetensors), a .safetensors that ns_vit wrote (save_checkpoint), or a plain '
+                    'state dict (.pth, .pt or .safetensors) of the architecture --model names')
+
+def checkpoint_file(checkpoint: str | Path) -> Path:
+    "The weights file `checkpoint` names: the file itself, or a finetune run folder's model.safetensors; an unfinished run is an error saying how to finish it."
+    path = Path(checkpoint).expanduser()
+    if path.is_file(): return path
+    if (path / 'model.safetensors').is_file(): return path / 'model.safetensors'
+    if (path / 'run.json').is_file(): raise FileNotFoundError(_unfinished(path))
+    what = 'is a folder without model.safetensors (not a finetune run folder)' if path.is_dir() else 'does not exist'
+    raise FileNotFoundError(f'checkpoint {path} {what}: pass {CHECKPOINT_FORMS}')
+
+def _unfinished(run_dir: Path) -> str:
+    "Why a finetune run folder has no model yet, and the command that finishes it."
+    from .experiments import finetune_command  # imported here: experiments imports this module
+    state = 'its resume state state.pt is there' if (run_dir / 'state.pt').exists() else 'no resume state was saved yet'
+    try: cmd = f'`{finetune_command(run_dir)}`'
+    except (OSError, ValueError, KeyError, TypeError): cmd = f'ns-vit-finetune --out {run_dir} with the options in {run_dir / "run.json"}'
+    return (f'run folder {run_dir} holds an unfinished run: it has no model.safetensors yet ({state}). Finish it by running the '
+            f'command that started it again, which resumes it: {cmd}; then pass {run_dir} again')
+
+def checkpoint_card(path: str | Path) -> dict | None:
+    "The card of a checkpoint that ns_vit wrote (`save_checkpoint`); None for a plain state dict file."
+    path = Path(path)
+    if path.suffix != '.safetensors': return None
+    try:
+        with safe_open(str(path), 'pt') as f: card = (f.metadata() or {}).get('card')
+        return None if card is None else json.loads(card)
+    except (SafetensorError, json.JSONDecodeError, OSError) as e:
+        raise ValueError(f'cannot read checkpoint {path}: the file is corrupt or not a checkpoint ({type(e).__name__}: {e})') from None
 
 # %% ../nbs/01_models.ipynb #3f963808
 DEFAULT_ARCH = 'vit_tiny_patch16_224'  # timm name; the kwargs below override its size
@@ -258,8 +306,23 @@ def load_default_model(path: str | Path | None = None, map_location='cpu') -> Pi
     "The embedded default ViT pretrained on CIFAR-10 by `nbs/02_pretrain.ipynb` (weights under `data/`)."
     return load_embedded_model('default', path, map_location)
 
+def _same_shapes(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+    "Whether two state dicts have the same keys with the same shapes."
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
 
-# %% ../nbs/01_models.ipynb #d90ad597
+def load_plain_checkpoint(name: str, path: str | Path) -> PixelViT:
+    "The embedded model `name` with the weights of a plain state dict file (a ViT's or a `PixelViT`'s, no card), loaded strictly."
+    vit, path = embedded_vit(name).vit, Path(path)
+    sd, mean, std = split_normalizer(read_state_dict(path))
+    advice = ''
+    if not _same_shapes(vit.state_dict(), sd):  # another embedded model's weights: name it
+        match = next((k for k in EMBEDDED_MODELS if k != name and _same_shapes(embedded_vit(k).vit.state_dict(), sd)), None)
+        advice = f'it is a state dict of the embedded model {match!r}: pass --model {match}; otherwise ' if match else ''
+    load_vit_weights(vit, sd, path, f'{name!r} (--model {name})', advice=advice)
+    return PixelViT(vit, mean or CIFAR10_MEAN, std or CIFAR10_STD).eval()
+
+
+# %% ../nbs/01_models.ipynb #868d8ae2
 @contextmanager
 def eval_mode(model: nn.Module):
     "Within the context `model` is in eval mode; on exit, also after an error, each of its modules is back in its own mode."
@@ -298,12 +361,26 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int =
 
 # %% ../nbs/01_models.ipynb #58b90f05
 def get_model(model: str = 'default', checkpoint: str = '', device: str | torch.device = 'cpu', **kw) -> PixelViT:
-    "An embedded model by name (`'default'`, `'vit-ti8'`; optionally from `checkpoint`) or a timm ViT with `checkpoint` weights ('hub', a path or '')."
-    if model in EMBEDDED_MODELS:
-        m = load_checkpoint(checkpoint)[0] if checkpoint else load_embedded_model(model)
-    else:
-        m = create_vit(model, pretrained=True if checkpoint == 'hub' else (checkpoint or False), **kw)
+    "An embedded model by name (`'default'`, `'vit-ti8'`) or a timm ViT, with its own weights or `checkpoint`'s (a file, a run folder, 'hub')."
+    if checkpoint == 'hub' and model in EMBEDDED_MODELS:
+        raise ValueError(f"checkpoint 'hub' means timm's weights of a timm model name; the embedded model {model!r} has none: "
+                         'pass its weights file, or nothing for its own')
+    path = checkpoint_file(checkpoint) if checkpoint and checkpoint != 'hub' else None
+    if model not in EMBEDDED_MODELS: m = create_vit(model, pretrained=path or checkpoint == 'hub', **kw)
+    elif path is None: m = load_embedded_model(model)
+    else: m = load_checkpoint(path)[0] if checkpoint_card(path) is not None else load_plain_checkpoint(model, path)
     return m.to(device).eval()
+
+def base_card(model: str = 'default', checkpoint: str = '') -> dict:
+    "The card (architecture, its kwargs, …) of the model `get_model(model, checkpoint)` builds: its checkpoint's, the registry's, or a timm name's."
+    if model not in EMBEDDED_MODELS: return dict(arch=model, arch_kwargs={})
+    card = checkpoint_card(checkpoint_file(checkpoint or repo_root() / EMBEDDED_MODELS[model]['checkpoint']))
+    return card or dict(arch=EMBEDDED_MODELS[model]['arch'], arch_kwargs=EMBEDDED_MODELS[model]['kwargs'])
+
+def loader_size(model: nn.Module) -> dict:
+    "`img_size` and `crop_pct` to load an image folder for `model` at: its ViT's input size; the whole image below 224 px (CIFAR-scale), timm's 0.875 centre crop from 224 px (ImageNet-scale)."
+    size = input_size(model)[0]
+    return dict(img_size=size, crop_pct=0.875 if size >= 224 else 1.0)
 def experiment_model(model: str = 'default', checkpoint: str = '', device: str | torch.device = 'cpu', *, smoke: bool = False) -> PixelViT:
     "An experiment's model (`get_model`); a smoke run on a clone without an embedded model's weights gets 02's smoke weights or a random init."
     if smoke and model in EMBEDDED_MODELS and not checkpoint and not (repo_root() / EMBEDDED_MODELS[model]['checkpoint']).exists():

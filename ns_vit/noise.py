@@ -10,7 +10,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn, Tensor
 import torch.distributed as dist
-from tqdm.auto import tqdm
+from .progress import tqdm
 from .models import as_vit, model_device, eval_mode, frozen, embed_shape  # `frozen`, `embed_shape` re-exported here (`_all_`)
 from .checks import check_images, check_model
 _all_ = ['frozen', 'embed_shape']

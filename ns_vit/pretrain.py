@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from .progress import tqdm
 from .data import UInt8Images, augment
 from .training import cosine_lr, read_state, save_state
 from .models import PixelViT, accuracy, model_device

@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn, Tensor
 import torch.nn.functional as F
 from torch.utils.data import Dataset, DataLoader
-from tqdm.auto import tqdm
+from .progress import tqdm
 import pandas as pd
 from .data import CIFAR10_CLASSES, pixel_transform, image_folder
 from .models import model_device, PixelViT, as_vit, frozen, input_size

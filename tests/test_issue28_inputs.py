@@ -17,6 +17,17 @@ Cases and where each is tested:
   entry cannot be written (read-only, full disk) is returned with a warning naming the path (nbs/01c_cache.ipynb).
 - `damagenet.train_surrogate` failed with NameError (hashlib) when called without a state path, as the "surrogate
   weights not found" error tells users to -> runs (nbs/06d_damagenet.ipynb); pyflakes runs in .ci/run (`make lint`).
+- `ns-vit-finetune --dataset <ImageFolder>` loaded 224-px images, so the 32-px default model failed ("Input height (224)
+  doesn't match model (32)"), and a `val` folder was scored through ImageNet's 0.875 centre crop (75% instead of 100% on
+  the fixture) -> a folder is loaded at the model's input size (`loader_size`), whole below 224 px; in the finetune CLI,
+  the evaluate CLI and notebooks 04a, 04b, 05, 07, 09, 11 (tests/test_issue28_cli.py case 1; nbs/01_models.ipynb,
+  nbs/05a_experiments.ipynb, nbs/06_evaluate.ipynb).
+- `--checkpoint <run folder>` "does not exist" -> the run's model.safetensors; an unfinished run is an error that prints
+  the command that finishes it, and that command does (tests/test_issue28_cli.py case 2; nbs/05a_experiments.ipynb).
+- a plain state dict (.pth/.pt, safetensors without a card) could not be loaded from the command line -> it loads into
+  the architecture `--model` names (the PixelViT's, its ViT's, DDP's `module.`) and scores as the default model does;
+  another architecture's is an error listing a few keys, naming `--model` and the embedded model it matches; a missing
+  file names the accepted forms (tests/test_issue28_cli.py case 3; nbs/01_models.ipynb).
 - `evaluate` left a model in eval mode, and Patch-Fool did not restore the mode when an error ended it -> every
   temporary eval mode is `models.eval_mode`, restored in `finally` (here; the context manager: nbs/01_models.ipynb).
 """

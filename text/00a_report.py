@@ -9,6 +9,7 @@
 #| export
 from __future__ import annotations
 import hashlib, json, os, platform, re, subprocess, tempfile, time
+from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 from ns_vit.data import repo_root
@@ -256,9 +257,137 @@ with tempfile.TemporaryDirectory() as d:
     test_eq(meta['git_commit'].endswith('+dirty'), meta['dirty'] is True)  # the flag and the commit agree
     assert str(repo_root()) not in json.dumps(meta)  # nothing of this machine's paths
 
+
+# %% [markdown]
+# ## The registry: notebook → report → make target
+# `RUNS` is the one place that says which notebook writes which report folder, which make target runs it and with which
+# papermill parameters, and where the executed copy goes. Everything else that says so is generated from it or checked
+# against it: the Makefile's list of `make reports` notebooks (`make_list`), the provenance on the site (`docs/build.py`),
+# `reports/README.md` (`write_index`), the artifact table of the README (`artifacts_table`) and the notebooks the smoke
+# tests run (`default_reports`); `tests/test_registry.py` checks every papermill command of the Makefile against it and
+# every folder of `reports/` and executed copy of `reports/notebooks/` for an entry.
+#
+# A `Run` records a parameter as the Makefile writes it, so a value that the Makefile takes from a variable reads
+# `$(STUDY_CELLS)`: the variable, with its comment, is in the Makefile. A target may run a notebook only under a condition
+# (`note`); a run with no target is the notebook at its defaults, as a reader runs it by hand.
+
+# %%
+#| export
+@dataclass(frozen=True)
+class Run:
+    "One papermill run of an experiment notebook: the make target that runs it, its parameters, what it writes."
+    notebook: str  # under nbs/, without .ipynb
+    target: str  # the make target that runs it; '' for none: the notebook at its defaults, run by hand
+    reports: tuple[str, ...]  # the folders under reports/ that it writes
+    params: dict = field(default_factory=dict)  # its `-p name value` parameters as the Makefile writes them, but for commit_report
+    commit: bool = True  # passes `-p commit_report True`: replaces the committed reports/<folder> (report_dir)
+    executed: str = ''  # where its executed copy goes; one under reports/notebooks/ is committed and shown on the site
+    note: str = ''  # when the target runs it (or adds a parameter), where that is not always
+
+    @property
+    def papermill_params(self) -> dict:
+        "Every `-p` parameter of the command, commit_report included."
+        return self.params | ({'commit_report': 'True'} if self.commit else {})
+
+    @property
+    def defaults(self) -> bool:
+        "Whether it runs the notebook at its default parameters (threads aside), as the smoke tests do at smoke size."
+        return set(self.params) <= {'threads'}
+
+    @property
+    def made_by(self) -> str:
+        "The make target that runs it, in words: '`make study`' (or 'by hand')."
+        return f'`make {self.target}`' if self.target else 'by hand'
+
+    @property
+    def how(self) -> str:
+        "How it is run, in words: 'by `make study` (`-p …`)'."
+        args = ' '.join(f'-p {k} {v}' for k, v in self.papermill_params.items())
+        s = f'by `make {self.target}`' if self.target else f'by hand (`papermill nbs/{self.notebook}.ipynb out.ipynb`)'
+        return s + (f' (`{args}`)' if args else '') + (f'; {self.note}' if self.note else '')
+
+def _reports(notebook: str, *reports: str) -> Run:
+    "A notebook of `make reports`: one torch thread (two workers side by side), its executed copy kept in reports/notebooks/."
+    return Run(notebook, 'reports', reports, {'threads': '1'}, executed=f'reports/notebooks/{notebook}.ipynb')
+
+_STUDY_THREADS = '$(or $(STUDY_THREADS),2)'
+_TI8 = 'only when data/vit_ti8.safetensors exists (make pretrain-ti8)'
+RUNS: tuple[Run, ...] = (
+    # make reports: two workers take the notebooks from one queue in this order, so that neither waits. The longest
+    # first: Table 2 (09), which also trains the models that 05, 07 and 08 reuse; the data sets next; Table 3 (07), which
+    # reuses 09's models and scores, last. Runs and data sets another worker is making are waited for, then reused.
+    _reports('09_table2_robustness', 'table2_robustness'), _reports('06d_damagenet', 'damagenet_cifar10'),
+    _reports('06b_corruptions', 'corruptions'), _reports('08_table4_eps_ablation', 'table4_eps_ablation'),
+    _reports('10b_fingerprint', 'fingerprint'), _reports('04a_fig3_approx_nullspace', 'fig3_approx_nullspace'),
+    _reports('06a_attacks', 'attack_budgets'), _reports('05_finetune', 'finetune/ns-eps0.03'),
+    _reports('04b_fig5_closure', 'fig5_closure'), _reports('10a_explain', 'fig8_10_saliency'),
+    _reports('10_blend', 'fig6_watermark', 'fig7_lookalike'), _reports('03_nullspace', 'table1_nullspace_dims', 'fig2_exact_nullspace'),
+    _reports('07_table3_robustness', 'table3_robustness'),
+    # make adv-sweep, make fingerprint-impostors: the parts of Tables 3 and the fingerprint that do not fit make reports' hour
+    Run('07_table3_robustness', 'adv-sweep', ('table3_robustness',), {'sweep': 'True', 'threads': '1'},
+        executed='runs/reports/07_table3_robustness_sweep.ipynb'),
+    Run('10b_fingerprint', 'fingerprint-impostors', ('fingerprint/impostors',), {'impostors': 'True', 'threads': '2'},
+        executed='runs/reports/10b_fingerprint_impostors.ipynb'),
+    # make study: the larger model's default cell first, then the default model's study beside it
+    Run('11_reproduction', 'study', ('reproduction/vit-ti8',), {'cells': '$(TI8_CELLS)', 'model': 'vit-ti8',
+        'report': 'reproduction/vit-ti8', 'threads': _STUDY_THREADS}, executed='runs/reports/11_reproduction_vit-ti8.ipynb', note=_TI8),
+    Run('11_reproduction', 'study', ('reproduction', 'reproduction/screen'), {'cells': '$(STUDY_CELLS)', 'screen': '$(SCREEN)',
+        'report': 'reproduction', 'threads': _STUDY_THREADS, 'also': 'reproduction/vit-ti8'}, executed='reports/notebooks/11_reproduction.ipynb',
+        note='`-p also` only once reports/reproduction/vit-ti8 has its paired_raw.csv; reproduction/screen only when SCREEN names cells'),
+    Run('11_reproduction', '', ('reproduction/quick', 'reproduction/screen'), commit=False),
+    # make bench; make gpu-check (a GPU machine)
+    Run('12_benchmarks', 'bench', ('benchmarks',), executed='reports/notebooks/12_benchmarks.ipynb'),
+    Run('12_benchmarks', 'bench', ('benchmarks/vit-ti8',), {'model': 'vit-ti8'}, executed='runs/reports/12_benchmarks_vit-ti8.ipynb', note=_TI8),
+    Run('12_benchmarks', 'gpu-check', ('benchmarks/cuda',), {'device': 'cuda', 'semantics_check': 'False', 'suite_check': 'True'},
+        commit=False, executed='runs/reports/12_benchmarks_cuda.ipynb'),
+    Run('05_finetune', 'gpu-check', ('benchmarks/cuda/finetune',), {'device': 'cuda', 'report': 'benchmarks/cuda/finetune',
+        'out': 'runs/gpu-check/ns'}, executed='runs/reports/05_finetune_cuda.ipynb'),
+    # make pretrain, make pretrain-ti8: the embedded models
+    Run('02_pretrain', 'pretrain', ('pretrain',), executed='runs/pretrain/02_pretrain.ipynb'),
+    Run('02_pretrain', 'pretrain-ti8', ('pretrain/vit-ti8',), {'model': 'vit-ti8', 'lr': '1e-3', 'threads': '1'},
+        executed='runs/pretrain/02_pretrain_vit-ti8.ipynb'),
+)
+OTHER_FILES = {'benchmarks/make_reports_minutes.md': 'reports'}  # report files that a target writes beside a notebook's (write_minutes)
+
+def make_list(target: str) -> str:
+    "The notebooks a make target runs, in its order, separated by spaces (the Makefile's REPORT_NBS)."
+    return ' '.join(dict.fromkeys(r.notebook for r in RUNS if r.target == target))
+
+def writer(folder: str) -> Run | None:
+    "The run that writes report folder `folder` (one that commits it first); None if no run does."
+    runs = sorted((r for r in RUNS if folder in r.reports), key=lambda r: not r.commit)
+    return runs[0] if runs else None
+
+def executed_by(path: str) -> Run | None:
+    "The run whose executed copy is `path` ('reports/notebooks/05_finetune.ipynb'); None if no run writes it."
+    return next((r for r in RUNS if r.executed == path), None)
+
+def default_reports() -> dict[str, tuple[str, ...]]:
+    "Notebook -> the report folders it writes at its default parameters (at smoke size: under runs/smoke/reports/)."
+    return {r.notebook: r.reports for r in RUNS if r.defaults}
+
+
+# %%
+test_eq(make_list('reports').split()[:2], ['09_table2_robustness', '06d_damagenet'])
+test_eq(make_list('study'), '11_reproduction')
+test_eq(writer('finetune/ns-eps0.03').notebook, '05_finetune'); test_eq(writer('nothing'), None)
+test_eq((writer('reproduction/screen').target, writer('fig7_lookalike').target), ('study', 'reports'))  # the committing run first
+test_eq(executed_by('reports/notebooks/12_benchmarks.ipynb').target, 'bench')
+test_eq(default_reports()['11_reproduction'], ('reproduction/quick', 'reproduction/screen'))
+test_eq(writer('pretrain/vit-ti8').how, 'by `make pretrain-ti8` (`-p model vit-ti8 -p lr 1e-3 -p threads 1 -p commit_report True`)')
+nbs = {p.stem for p in (repo_root() / 'nbs').glob('*.ipynb')}
+test_eq([r.notebook for r in RUNS if r.notebook not in nbs], [])  # every run names a notebook that exists
+test_eq(sorted(r.notebook for r in RUNS if r.defaults), sorted({r.notebook for r in RUNS}))  # one run per notebook at its defaults
+folders = [f for r in RUNS if r.commit for f in r.reports]
+test_eq(sorted(f for f in set(folders) if folders.count(f) > 1), [])  # one committing writer per folder
+
 # %% [markdown]
 # ## The index of reports
-# `reports/README.md` is generated: one section per artifact folder, with the files it holds and how it was made.
+# `reports/README.md` is generated from the registry and the reports themselves: the paper's artifacts with their
+# notebook and make target (`artifacts_table`, which the README shows too), then one section per report folder with the
+# run that writes it, the commit, device and time recorded in that folder's own `meta.json`, and its files. `make index`
+# regenerates it, and every target that writes a report ends with it, so the index never gives a commit its report does
+# not record.
 
 # %%
 #| export
@@ -271,24 +400,47 @@ PAPER_ARTIFACTS = {  # report folder -> what it is in the paper (Liu et al.), in
     'fingerprint': '§6 model fingerprint ("patenting")', 'attack_budgets': '§5 support: attack budgets and Patch-Fool',
     'corruptions': '§5 support: CIFAR-10-C generation', 'damagenet_cifar10': '§5 support: DamageNet-style transfer set',
     'reproduction': 'reproduction study: NS vs plain and random-noise finetuning, seeds and intervals',
-    'pretrain': 'the embedded default model', 'benchmarks': 'benchmarks (`make bench`)'}
+    'pretrain': 'the embedded default model', 'benchmarks': 'benchmarks: NS/plain time, evaluation minutes, data loading'}
 
-def write_index(root: str | Path | None = None) -> Path:
-    "Regenerate `reports/README.md`: the paper's artifacts by name, then every folder with its files, commit, device, time."
+def artifacts_table(
+    prefix: str = '',  # the path from the page to reports/ ('reports/' in the README, '' in reports/README.md)
+    root: str | Path | None = None,  # the repository; default: ns_vit's
+) -> str:
+    "Markdown: each of the paper's artifacts that reports/ holds, with its folder (a link), notebook and make target."
     base = (Path(root) if root is not None else repo_root()) / 'reports'
-    lines = ['# Reports', '', 'Generated by `make reports` (papermill runs of the experiment notebooks at their default',
-             'parameters); never edited by hand. Each folder holds its figure(s), table(s) and a `meta.json`.', '',
-             '| paper artifact | folder |', '|---|---|']
-    lines += [f'| {name} | [{k}]({k}/) |' for k, name in PAPER_ARTIFACTS.items() if (base / k / 'meta.json').exists()]
-    lines.append('')
+    rows = ['| in the paper | report | notebook | regenerated by |', '|---|---|---|---|']
+    for k, name in PAPER_ARTIFACTS.items():
+        if (base / k / 'meta.json').exists():
+            r = writer(k)
+            rows.append(f"| {name} | [`{prefix}{k}`]({prefix}{k}/) | {f'`{r.notebook}`' if r else ''} | {r.made_by if r else 'not in the registry'} |")
+    return '\n'.join(rows)
+
+def render_index(root: str | Path | None = None) -> str:
+    "The text of `reports/README.md`: the paper's artifacts, then every report folder with its run, commit (its meta.json) and files."
+    base = (Path(root) if root is not None else repo_root()) / 'reports'
+    targets = [f'`make {t}`' for t in dict.fromkeys(r.target for r in RUNS if r.target and r.commit)]
+    lines = ['# Reports', '', 'Generated by `make index` from the registry of runs (`ns_vit.report.RUNS`: notebook → report folder → make',
+             f"target) and each folder's own `meta.json`; {', '.join(targets[:-1])} and {targets[-1]} run it at their end. Never",
+             'edited by hand. Each folder holds its figure(s), table(s) and a `meta.json` with the parameters, commit, device and',
+             'wall time of its run.',
+             '', artifacts_table(root=root), '']
     for meta_path in sorted(base.glob('**/meta.json')):
         d, meta = meta_path.parent, json.loads(meta_path.read_text())
-        rel = d.relative_to(base).as_posix()
-        lines += [f'## {rel}' + (f' — {PAPER_ARTIFACTS[rel]}' if rel in PAPER_ARTIFACTS else ''), '', f"- made {meta.get('created', '?')} at commit `{meta.get('git_commit', '?')}` on "
+        rel, run = d.relative_to(base).as_posix(), writer(d.relative_to(base).as_posix())
+        lines += [f'## {rel}' + (f' — {PAPER_ARTIFACTS[rel]}' if rel in PAPER_ARTIFACTS else ''), '',
+                  f'- written by `nbs/{run.notebook}.ipynb`, run {run.how}' if run else
+                  '- **not in the registry** (`ns_vit.report.RUNS`): add the run that writes this folder',
+                  f"- made {meta.get('created', '?')} at commit `{meta.get('git_commit', '?')}` (its meta.json) on "
                   f"{meta.get('device', '?')} in {meta.get('wall_time_s', '?')} s"]
-        lines += [f'- [{f.name}]({rel}/{f.name})' for f in sorted(d.iterdir()) if f.suffix in ('.md', '.png', '.csv')]
+        lines += [f'- [{f.name}]({rel}/{f.name})' + (f' (written by `make {OTHER_FILES[f"{rel}/{f.name}"]}`)' if f'{rel}/{f.name}' in OTHER_FILES else '')
+                  for f in sorted(d.iterdir()) if f.suffix in ('.md', '.png', '.csv')]
         lines.append('')
-    return atomic_save('\n'.join(lines), base / 'README.md', lambda o, p: Path(p).write_text(o))
+    return '\n'.join(lines)
+
+def write_index(root: str | Path | None = None) -> Path:
+    "Regenerate `reports/README.md` (`render_index`)."
+    base = (Path(root) if root is not None else repo_root()) / 'reports'
+    return atomic_save(render_index(root), base / 'README.md', lambda o, p: Path(p).write_text(o))
 
 def write_minutes(log: str | Path | None = None, root: str | Path | None = None) -> Path:
     "`reports/benchmarks/make_reports_minutes.md` from `make reports`' log (lines `notebook worker seconds`, then `total - s`)."
@@ -308,15 +460,22 @@ def write_minutes(log: str | Path | None = None, root: str | Path | None = None)
 
 # %%
 with tempfile.TemporaryDirectory() as d:
-    rd = Path(d) / 'reports' / 'fig9'; rd.mkdir(parents=True)
-    write_meta(rd, {}, time.time()); (rd / 'fig9.png').write_bytes(b'')
+    for k in ('fig9', 'table2_robustness'):
+        rd = Path(d) / 'reports' / k; rd.mkdir(parents=True); write_json(dict(git_commit=f'c0ffee-{k}', created='2026-01-01'), rd / 'meta.json')
+    (rd / 'table2.png').write_bytes(b'')
     txt = write_index(d).read_text()
-    assert '## fig9' in txt and '(fig9/fig9.png)' in txt
+    test_eq(txt, render_index(d))
+    assert '## fig9\n\n- **not in the registry**' in txt and '(table2_robustness/table2.png)' in txt, txt
+    assert ('## table2_robustness — Table 2 (robustness)\n\n- written by `nbs/09_table2_robustness.ipynb`, run by `make reports` '
+            '(`-p threads 1 -p commit_report True`)\n- made 2026-01-01 at commit `c0ffee-table2_robustness` (its meta.json)') in txt, txt
+    test_eq(artifacts_table('reports/', d).splitlines()[2:],  # only the artifacts that exist
+            ['| Table 2 (robustness) | [`reports/table2_robustness`](reports/table2_robustness/) | `09_table2_robustness` | `make reports` |'])
     log = Path(d) / 'minutes.txt'; log.write_text('05_finetune A 600\n03_nullspace B 60\n')
     test_fail(lambda: write_minutes(log, d), contains='no total line')
     log.write_text('05_finetune A 600\n03_nullspace B 60\n04a B 120\ntotal - 630\n')
     txt = write_minutes(log, d).read_text()
     assert '**10.5 min**' in txt and '| 05_finetune | A | 10.0 |' in txt and '| B | 3.0 |' in txt
+test_eq([k for k in PAPER_ARTIFACTS if writer(k) is None], [])  # every artifact of the paper has its run
 
 
 # %% [markdown]
@@ -404,6 +563,56 @@ test_eq(readme_problems('\n' * 40 + 'make install', must=('make install',)), ["n
 test_eq(readme_problems('see /work/main/.venv/lib/site-packages/tqdm/auto.py: TqdmWarning', must=()),
         ["a machine path: '/work/'", "a tool's warning: 'site-packages'", "a tool's warning: 'TqdmWarning'"])
 test_eq(readme_problems('`/home/me/ns_vit`, ~/x and 8/255', must=()), ["a machine path: '/home/'"])
+
+
+# %% [markdown]
+# ## Executed copies
+# The executed copies of the experiment notebooks (`reports/notebooks/`) are read on the site and in reviews, so they
+# hold what the notebook says and nothing of the run's machinery: `executed_problems` names the progress-bar output
+# (`ns_vit.progress` keeps tqdm's bars out of papermill runs), the warnings Python prints on stderr (`file:line:
+# Category: message`, with the path of the file that warned), and any absolute path of the machine that ran it, in the
+# outputs or in papermill's record of its input and output paths. Paths under `/tmp/` are a run's temporary folders,
+# gone when it ends, and are not counted.
+
+# %%
+#| export
+_BAR = re.compile(r'\d+%\|[^|\n]*\|\s*\d+/\d+|[\d.]+(?:it/s|s/it)\]')  # a tqdm text bar: ' 40%|████      | 4/10 [00:01<00:01, 3.2it/s]'
+_PY_WARNING = re.compile(r'^(\S+):\d+: (\w*Warning): (.{0,60})', re.M)  # a warning as Python prints it
+
+def _temporary(path: str) -> bool:
+    "Under /tmp/ or the temporary folder: a run's scratch space, gone when it ends."
+    return path.startswith(('/tmp/', tempfile.gettempdir() + os.sep))
+
+def executed_problems(
+    nb: dict | str | Path,  # an executed notebook, or its path
+) -> list[str]:
+    "What an executed notebook should not hold: progress-bar output, a printed warning, a machine's absolute path (not /tmp/)."
+    if not isinstance(nb, dict): nb = json.loads(Path(nb).read_text())
+    out = []
+    for i, c in enumerate(nb['cells']):
+        for o in c.get('outputs', []):
+            text = ''.join(o.get('text', '')) + ''.join(''.join(v) for k, v in o.get('data', {}).items() if k.startswith('text/'))
+            if _BAR.search(text): out.append(f'cell {i}: progress-bar output')
+            if o.get('name') == 'stderr': out += [f'cell {i}: a {w.group(2)} from {Path(w.group(1)).name}: {w.group(3)}' for w in _PY_WARNING.finditer(text)]
+            out += [f'cell {i}: a machine path {m!r}' for m in _MACHINE_PATH.findall(text) if not _temporary(m)]
+    pm = nb.get('metadata', {}).get('papermill', {})
+    out += [f'papermill {k}: a machine path {pm[k]!r}' for k in ('input_path', 'output_path') if os.path.isabs(pm.get(k) or '') and not _temporary(pm[k])]
+    return list(dict.fromkeys(out))
+
+
+# %%
+_out = lambda **o: {'output_type': 'stream', 'name': 'stdout', 'text': []} | o
+_ex = {'metadata': {'papermill': {'input_path': 'nbs/03_nullspace.ipynb', 'output_path': 'reports/notebooks/03_nullspace.ipynb'}},
+       'cells': [{'cell_type': 'code', 'source': ['x'], 'outputs': [_out(text=['FGSM 1/255: 47.9% [44.8, 51.0]\n', 'cache in /tmp/tmpab12/x.npy\n'])]}]}
+test_eq(executed_problems(_ex), [])  # percentages, fractions and temporary folders are fine
+test_eq(executed_problems({'metadata': {'papermill': {'output_path': '/tmp/pytest-1/o.ipynb'}}, 'cells': []}), [])
+_ex['cells'][0]['outputs'] += [
+    _out(name='stderr', text=['\rdemo:  40%|████      | 4/10 [00:00<00:00, 98.50it/s]']),
+    _out(name='stderr', text=['/work/main/.venv/lib/python3.11/site-packages/tqdm/auto.py:21: TqdmWarning: IProgress not found. Please update jupyter\n']),
+    {'output_type': 'execute_result', 'data': {'text/plain': ["PosixPath('/home/me/ns_vit/reports/x/meta.json')"]}}]
+_ex['metadata']['papermill']['output_path'] = '/work/runs/05.ipynb'
+test_eq(executed_problems(_ex), ['cell 0: progress-bar output', 'cell 0: a TqdmWarning from auto.py: IProgress not found. Please update jupyter',
+                                 "cell 0: a machine path '/work/'", "cell 0: a machine path '/home/'", "papermill output_path: a machine path '/work/runs/05.ipynb'"])
 
 
 # %% [markdown]

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Callable
 import torch
 from torch import nn, Tensor
+from ns_vit.progress import quiet_tqdm_import
+quiet_tqdm_import()  # before timm, which imports tqdm.auto through huggingface_hub: see ns_vit.progress
 import timm
 from safetensors import SafetensorError
 from safetensors.torch import save_file, load_file, safe_open
@@ -169,10 +171,13 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return {k.removeprefix('module.'): v for k, v in sd.items() if isinstance(v, Tensor)}
 
 def split_normalizer(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], tuple | None, tuple | None]:
-    "Strip easyrobust's `0.mean`/`0.std` + `1.` layout; return (vit state dict, mean, std)."
-    if '0.mean' not in sd: return sd, None, None
-    mean, std = sd['0.mean'].flatten().tolist(), sd['0.std'].flatten().tolist()
-    return {k[2:]: v for k, v in sd.items() if k.startswith('1.')}, tuple(mean), tuple(std)
+    "(ViT state dict, mean, std) of `sd`: easyrobust's `0.mean`/`0.std` + `1.` layout, a `PixelViT`'s `mean`/`std` + `vit.`, or a bare ViT's (no mean, std)."
+    if '0.mean' in sd: mean, std, sd = sd['0.mean'], sd['0.std'], {k[2:]: v for k, v in sd.items() if k.startswith('1.')}
+    elif {'mean', 'std'} <= set(sd) and any(k.startswith('vit.') for k in sd):  # PixelViT.state_dict()
+        mean, std, sd = sd['mean'], sd['std'], {k: v for k, v in sd.items() if k not in ('mean', 'std')}
+    else: mean = std = None
+    if sd and all(k.startswith('vit.') for k in sd): sd = {k.removeprefix('vit.'): v for k, v in sd.items()}  # a wrapper's ViT
+    return sd, *(None if t is None else tuple(t.flatten().tolist()) for t in (mean, std))
 
 
 # %%
@@ -195,16 +200,27 @@ def _arch_summary(sd: dict[str, Tensor]) -> str:
     parts = ([f'patch {pe.shape[-1]}', f'width {pe.shape[0]}'] if pe is not None else []) + [f'depth {depth}']
     return ', '.join(parts + ([f'{head.shape[0]} classes'] if head is not None else []))
 
+def _few(keys, k: int = 3) -> str:
+    "Up to `k` of `keys`, sorted, and how many more."
+    keys = sorted(keys)
+    return ', '.join(keys[:k]) + (f' and {len(keys) - k} more' if len(keys) > k else '')
+
+def _key_diff(sd: dict[str, Tensor], mine: dict[str, Tensor]) -> str:
+    "How state dict `sd` differs from a model's `mine`: a few keys of other shapes, missing and unexpected, with the counts."
+    shapes = [f'{k} {tuple(sd[k].shape)} ≠ {tuple(mine[k].shape)}' for k in sd if k in mine and mine[k].shape != sd[k].shape]
+    missing, unexpected = set(mine) - set(sd), set(sd) - set(mine)
+    parts = (('tensors of other shapes', shapes, 2), ('missing keys', missing, 3), ('unexpected keys', unexpected, 3))
+    return '; '.join(f'{len(ks)} {what}: {_few(ks, k)}' for what, ks, k in parts if ks)
+
 def load_vit_weights(vit: nn.Module, sd: dict[str, Tensor], source: str | Path, arch: str = '',
-                     stored: dict[str, Tensor] | None = None) -> nn.Module:
-    "Load the ViT state dict `sd` (read from `source`, as `stored` before resampling) into `vit`; another architecture's is an error naming both."
+                     stored: dict[str, Tensor] | None = None, advice: str = '') -> nn.Module:
+    "Load the ViT state dict `sd` (read from `source`, as `stored` before resampling) into `vit` strictly; another architecture's is an error naming both and a few keys."
     mine = vit.state_dict()
-    shapes = [k for k in sd if k in mine and mine[k].shape != sd[k].shape]
-    if shapes or set(mine) != set(sd):
+    if set(mine) != set(sd) or any(mine[k].shape != sd[k].shape for k in sd):
         raise ValueError(f'checkpoint {source} holds a ViT with {_arch_summary(stored or sd)}, but the model {arch or type(vit).__name__} '
-                         f'has {_arch_summary(mine)} ({len(shapes)} tensors of other shapes, {len(set(mine) - set(sd))} '
-                         f'missing, {len(set(sd) - set(mine))} unexpected): pass the architecture the checkpoint was '
-                         'trained with (--model and its kwargs), or model="default" for an ns_vit checkpoint')
+                         f'has {_arch_summary(mine)} ({_key_diff(sd, mine)}): {advice}pass the architecture the checkpoint '
+                         'was trained with as --model (model= in Python: an embedded model or a timm ViT name, with its kwargs), '
+                         'or a checkpoint ns_vit wrote (a run folder or save_checkpoint\'s .safetensors: its card names the architecture)')
     vit.load_state_dict(sd)
     return vit
 
@@ -288,24 +304,24 @@ def save_checkpoint(model: nn.Module, path: str | Path, card: dict) -> Path:
     atomic_save(card, path.with_suffix('.json'), lambda o, p: Path(p).write_text(json.dumps(o, indent=2) + '\n'))
     return path
 
-def read_card(path: str | Path) -> dict:
-    "The card in the metadata of checkpoint `path` (written by `save_checkpoint`); a clear error for a missing or corrupt file."
-    path = Path(path).expanduser()
-    if not path.is_file(): raise FileNotFoundError(f'checkpoint {path} does not exist')
-    try:
-        with safe_open(str(path), 'pt') as f: return json.loads((f.metadata() or {})['card'])
-    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
-        raise ValueError(f'{path} is corrupt or not an ns_vit checkpoint ({type(e).__name__}: {e})') from None
+def _card_vit(card: dict, path: Path) -> PixelViT:
+    "The `PixelViT` that `card` names, with the weights of checkpoint `path`."
+    arch, kwargs = card['arch'], card['arch_kwargs']
+    if not kwargs and arch in EMBEDDED_MODELS:  # the cards of vit-ti8 finetunes written before `base_card` named the model only
+        arch, kwargs = EMBEDDED_MODELS[arch]['arch'], EMBEDDED_MODELS[arch]['kwargs']
+    vit = load_vit_weights(_timm_vit(arch, False, **kwargs), read_state_dict(path), path, arch)
+    return PixelViT(vit, card['mean'], card['std'])
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = 'cpu', *,
                     build: Callable[[dict], nn.Module] | None = None,  # the empty model of a card (None: the `PixelViT` it names)
                     ) -> tuple[nn.Module, dict]:
     "Rebuild the model of a checkpoint written by `save_checkpoint` (eval mode) and its card, verifying the weights' sha256."
     path = Path(path).expanduser()
-    card = read_card(path)
-    if build is None:
-        vit = load_vit_weights(_timm_vit(card['arch'], False, **card['arch_kwargs']), read_state_dict(path), path, card['arch'])
-        model = PixelViT(vit, card['mean'], card['std'])
+    if not path.is_file(): raise FileNotFoundError(f'checkpoint {path} does not exist')
+    card = checkpoint_card(path)  # the one reader of cards; corrupt files are errors here
+    if card is None: raise ValueError(f'{path} is not an ns_vit checkpoint: it has no card (save_checkpoint writes one); '
+                                      'a plain state dict loads with load_plain_checkpoint(model name, path)')
+    if build is None: model = _card_vit(card, path)
     else:
         model = build(card)
         model.load_state_dict(read_state_dict(path))
@@ -314,6 +330,37 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = 'cpu', 
         raise ValueError(f'checkpoint {path} is corrupt: its weights do not match the sha256 in its card '
                          f'({weights_digest(model, 12)}… ≠ {want[:12]}…); restore or regenerate the file')
     return model.to(map_location).eval(), card
+
+CHECKPOINT_FORMS = ('a finetune run folder (its model.safetensors), a .safetensors that ns_vit wrote (save_checkpoint), or a plain '
+                    'state dict (.pth, .pt or .safetensors) of the architecture --model names')
+
+def checkpoint_file(checkpoint: str | Path) -> Path:
+    "The weights file `checkpoint` names: the file itself, or a finetune run folder's model.safetensors; an unfinished run is an error saying how to finish it."
+    path = Path(checkpoint).expanduser()
+    if path.is_file(): return path
+    if (path / 'model.safetensors').is_file(): return path / 'model.safetensors'
+    if (path / 'run.json').is_file(): raise FileNotFoundError(_unfinished(path))
+    what = 'is a folder without model.safetensors (not a finetune run folder)' if path.is_dir() else 'does not exist'
+    raise FileNotFoundError(f'checkpoint {path} {what}: pass {CHECKPOINT_FORMS}')
+
+def _unfinished(run_dir: Path) -> str:
+    "Why a finetune run folder has no model yet, and the command that finishes it."
+    from .experiments import finetune_command  # imported here: experiments imports this module
+    state = 'its resume state state.pt is there' if (run_dir / 'state.pt').exists() else 'no resume state was saved yet'
+    try: cmd = f'`{finetune_command(run_dir)}`'
+    except (OSError, ValueError, KeyError, TypeError): cmd = f'ns-vit-finetune --out {run_dir} with the options in {run_dir / "run.json"}'
+    return (f'run folder {run_dir} holds an unfinished run: it has no model.safetensors yet ({state}). Finish it by running the '
+            f'command that started it again, which resumes it: {cmd}; then pass {run_dir} again')
+
+def checkpoint_card(path: str | Path) -> dict | None:
+    "The card of a checkpoint that ns_vit wrote (`save_checkpoint`); None for a plain state dict file."
+    path = Path(path)
+    if path.suffix != '.safetensors': return None
+    try:
+        with safe_open(str(path), 'pt') as f: card = (f.metadata() or {}).get('card')
+        return None if card is None else json.loads(card)
+    except (SafetensorError, json.JSONDecodeError, OSError) as e:
+        raise ValueError(f'cannot read checkpoint {path}: the file is corrupt or not a checkpoint ({type(e).__name__}: {e})') from None
 
 
 # %%
@@ -335,9 +382,26 @@ with tempfile.TemporaryDirectory() as d:
     test_fail(lambda: load_checkpoint(p), contains='corrupt')
     cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval(); cnn[1].running_mean.add_(1)  # any module, buffers too
     q = save_checkpoint(cnn, Path(d) / 'cnn.v2', {'arch': 'test CNN', 'width': 4})
-    test_eq(q.name, 'cnn.v2.safetensors'); test_eq(read_card(q)['width'], 4)
+    test_eq(q.name, 'cnn.v2.safetensors'); test_eq(checkpoint_card(q)['width'], 4)
     cnn2, card2 = load_checkpoint(q, build=lambda c: nn.Sequential(nn.Conv2d(3, c['width'], 3), nn.BatchNorm2d(c['width'])))
     test_eq(weights_digest(cnn2), weights_digest(cnn)); test_eq(cnn2.training, False); test_eq(card2['arch'], 'test CNN')
+
+# %% [markdown]
+# A `checkpoint` argument (`get_model`, `--checkpoint`) names a file or a finetune run folder, which stands for its
+# `model.safetensors`; a folder whose run is unfinished says how to finish it (`nbs/05a_experiments.ipynb` tests that
+# message). `checkpoint_card` tells a checkpoint that ns_vit wrote (its card names the architecture) from a plain state dict.
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    run = Path(d) / 'run'
+    p = save_checkpoint(m, run / 'model.safetensors', model_card(m, 'vit_tiny_patch16_224', kw))
+    test_eq(checkpoint_file(run), p); test_eq(checkpoint_file(p), p)
+    test_eq(checkpoint_card(p)['arch_kwargs'], kw)
+    torch.save(m.vit.state_dict(), Path(d) / 'plain.pth'); test_eq(checkpoint_card(Path(d) / 'plain.pth'), None)
+    save_file({k: v.contiguous() for k, v in m.vit.state_dict().items()}, str(Path(d) / 'plain.safetensors'))
+    test_eq(checkpoint_card(Path(d) / 'plain.safetensors'), None)
+    test_fail(lambda: checkpoint_file(d), contains='is a folder without model.safetensors (not a finetune run folder): pass a finetune run folder')
+    test_fail(lambda: checkpoint_file(Path(d) / 'missing.pth'), contains='missing.pth does not exist: pass a finetune run folder')
 
 # %% [markdown]
 # ## The embedded default model
@@ -387,6 +451,21 @@ def load_default_model(path: str | Path | None = None, map_location='cpu') -> Pi
     "The embedded default ViT pretrained on CIFAR-10 by `nbs/02_pretrain.ipynb` (weights under `data/`)."
     return load_embedded_model('default', path, map_location)
 
+def _same_shapes(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+    "Whether two state dicts have the same keys with the same shapes."
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+
+def load_plain_checkpoint(name: str, path: str | Path) -> PixelViT:
+    "The embedded model `name` with the weights of a plain state dict file (a ViT's or a `PixelViT`'s, no card), loaded strictly."
+    vit, path = embedded_vit(name).vit, Path(path)
+    sd, mean, std = split_normalizer(read_state_dict(path))
+    advice = ''
+    if not _same_shapes(vit.state_dict(), sd):  # another embedded model's weights: name it
+        match = next((k for k in EMBEDDED_MODELS if k != name and _same_shapes(embedded_vit(k).vit.state_dict(), sd)), None)
+        advice = f'it is a state dict of the embedded model {match!r}: pass --model {match}; otherwise ' if match else ''
+    load_vit_weights(vit, sd, path, f'{name!r} (--model {name})', advice=advice)
+    return PixelViT(vit, mean or CIFAR10_MEAN, std or CIFAR10_STD).eval()
+
 
 
 # %%
@@ -399,6 +478,30 @@ test_eq(t8.vit.patch_embed.proj.weight.shape, (192, 3, 8, 8))  # C·P² = 192 = 
 test_eq(sum(p.numel() for p in t8.parameters()) > 4 * sum(p.numel() for p in d0.parameters()), True)
 test_eq(t8(torch.rand(2, 3, 32, 32)).shape, (2, 10))
 test_fail(lambda: embedded_vit('vit-huge'), contains='choose from')
+
+
+# %% [markdown]
+# A plain state dict of an embedded model (`torch.save(model.state_dict())` of the `PixelViT` or of its `vit`, with or
+# without DDP's `module.`; or safetensors without a card) loads into the architecture its name gives, strictly; another
+# architecture's is an error that lists a few keys, names `--model`, and the embedded model whose weights they are:
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    for i, sd in enumerate([d0.state_dict(), d0.vit.state_dict(), {f'module.{k}': v for k, v in d0.state_dict().items()}]):
+        torch.save(sd, Path(d) / f'{i}.pth')
+        test_eq(weights_digest(load_plain_checkpoint('default', Path(d) / f'{i}.pth')), weights_digest(d0))
+    save_file({k: v.contiguous() for k, v in d0.vit.state_dict().items()}, str(Path(d) / 'd0.safetensors'))
+    test_eq(weights_digest(load_plain_checkpoint('default', Path(d) / 'd0.safetensors')), weights_digest(d0))
+    torch.save({**d0.state_dict(), 'mean': torch.tensor([.5, .5, .5])}, Path(d) / 'mean.pth')  # a PixelViT's own normalisation is kept
+    test_eq(load_plain_checkpoint('default', Path(d) / 'mean.pth').mean.flatten().tolist(), [.5, .5, .5])
+    torch.save(t8.state_dict(), Path(d) / 'ti8.pth')
+    test_fail(lambda: load_plain_checkpoint('default', Path(d) / 'ti8.pth'),
+              contains="holds a ViT with patch 8, width 192, depth 12, 10 classes, but the model 'default' (--model default) has patch 8, width 128, depth 6")
+    test_fail(lambda: load_plain_checkpoint('default', Path(d) / 'ti8.pth'), contains="it is a state dict of the embedded model 'vit-ti8': pass --model vit-ti8")
+    test_fail(lambda: load_plain_checkpoint('default', Path(d) / 'ti8.pth'), contains='72 unexpected keys: blocks.10.attn.proj.bias, blocks.10.attn.proj.weight, blocks.10.attn.qkv.bias and 69 more')
+    torch.save(m.vit.state_dict(), Path(d) / 'other.pth')  # a ViT of no embedded architecture
+    test_fail(lambda: load_plain_checkpoint('default', Path(d) / 'other.pth'), contains='2 missing keys: fc_norm.bias, fc_norm.weight; 75 unexpected keys')
+    test_fail(lambda: load_plain_checkpoint('default', Path(d) / 'other.pth'), contains='): pass the architecture the checkpoint was trained with as --model')
 
 
 # %% [markdown]
@@ -473,18 +576,37 @@ _a = accuracy(d0, torch.rand(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)); a
 
 # %% [markdown]
 # ## One entry point for experiments
-# Experiment notebooks take `model` ('default' or any timm ViT name) and `checkpoint` (a local file; for a timm name,
-# `'hub'` means timm's pretrained weights). `get_model` turns them into a `PixelViT` on `device`, in eval mode.
+# Experiment notebooks and the console scripts take `model` (an embedded model, 'default' or 'vit-ti8', or any timm ViT
+# name) and `checkpoint`: '' (the embedded model's own weights; a timm name's random init), `'hub'` (timm's pretrained
+# weights), a finetune run folder, a `.safetensors` that ns_vit wrote (its card names the architecture), or a plain state
+# dict (`.pth`, `.pt`, `.safetensors`) of the architecture `model` names. `get_model` turns them into a `PixelViT` on
+# `device`, in eval mode; `base_card` is the card of that model's architecture (finetuned models' cards start from it).
+# `loader_size` is the size an image folder is loaded at for a model: its input size, the whole image for a CIFAR-scale
+# model (as CIFAR-10 itself is fed to it, and CINIC-10 in `06c_shifts`), timm's 0.875 centre crop at ImageNet scale.
 
 # %%
 #| export
 def get_model(model: str = 'default', checkpoint: str = '', device: str | torch.device = 'cpu', **kw) -> PixelViT:
-    "An embedded model by name (`'default'`, `'vit-ti8'`; optionally from `checkpoint`) or a timm ViT with `checkpoint` weights ('hub', a path or '')."
-    if model in EMBEDDED_MODELS:
-        m = load_checkpoint(checkpoint)[0] if checkpoint else load_embedded_model(model)
-    else:
-        m = create_vit(model, pretrained=True if checkpoint == 'hub' else (checkpoint or False), **kw)
+    "An embedded model by name (`'default'`, `'vit-ti8'`) or a timm ViT, with its own weights or `checkpoint`'s (a file, a run folder, 'hub')."
+    if checkpoint == 'hub' and model in EMBEDDED_MODELS:
+        raise ValueError(f"checkpoint 'hub' means timm's weights of a timm model name; the embedded model {model!r} has none: "
+                         'pass its weights file, or nothing for its own')
+    path = checkpoint_file(checkpoint) if checkpoint and checkpoint != 'hub' else None
+    if model not in EMBEDDED_MODELS: m = create_vit(model, pretrained=path or checkpoint == 'hub', **kw)
+    elif path is None: m = load_embedded_model(model)
+    else: m = load_checkpoint(path)[0] if checkpoint_card(path) is not None else load_plain_checkpoint(model, path)
     return m.to(device).eval()
+
+def base_card(model: str = 'default', checkpoint: str = '') -> dict:
+    "The card (architecture, its kwargs, …) of the model `get_model(model, checkpoint)` builds: its checkpoint's, the registry's, or a timm name's."
+    if model not in EMBEDDED_MODELS: return dict(arch=model, arch_kwargs={})
+    card = checkpoint_card(checkpoint_file(checkpoint or repo_root() / EMBEDDED_MODELS[model]['checkpoint']))
+    return card or dict(arch=EMBEDDED_MODELS[model]['arch'], arch_kwargs=EMBEDDED_MODELS[model]['kwargs'])
+
+def loader_size(model: nn.Module) -> dict:
+    "`img_size` and `crop_pct` to load an image folder for `model` at: its ViT's input size; the whole image below 224 px (CIFAR-scale), timm's 0.875 centre crop from 224 px (ImageNet-scale)."
+    size = input_size(model)[0]
+    return dict(img_size=size, crop_pct=0.875 if size >= 224 else 1.0)
 def experiment_model(model: str = 'default', checkpoint: str = '', device: str | torch.device = 'cpu', *, smoke: bool = False) -> PixelViT:
     "An experiment's model (`get_model`); a smoke run on a clone without an embedded model's weights gets 02's smoke weights or a random init."
     if smoke and model in EMBEDDED_MODELS and not checkpoint and not (repo_root() / EMBEDDED_MODELS[model]['checkpoint']).exists():
@@ -503,3 +625,22 @@ test_fail(lambda: experiment_model('default', '/nonexistent.safetensors'), conta
 # %%
 test_eq(get_model('vit_tiny_patch16_224', img_size=32, patch_size=8, num_classes=10)(torch.rand(1, 3, 32, 32)).shape, (1, 10))
 test_fail(lambda: get_model('default', checkpoint='/nonexistent.safetensors'), contains='does not exist')
+base = get_model('default')
+with tempfile.TemporaryDirectory() as d:  # every form of checkpoint, as the console scripts pass it
+    torch.save(base.state_dict(), Path(d) / 'default.pth')  # a plain state dict of the default model: the same model
+    test_eq(weights_digest(get_model('default', str(Path(d) / 'default.pth'))), weights_digest(base))
+    run = save_checkpoint(base, Path(d) / 'run' / 'model.safetensors', base_card()).parent
+    test_eq(weights_digest(get_model('default', str(run))), weights_digest(base))  # a run folder: its model
+    torch.save(t8.vit.state_dict(), Path(d) / 'ti8.pth')
+    test_eq(weights_digest(get_model('vit-ti8', str(Path(d) / 'ti8.pth'))), weights_digest(t8))
+    torch.save(m.state_dict(), Path(d) / 'm.pth')  # a timm name takes a PixelViT's state dict too
+    test_eq(weights_digest(get_model('vit_tiny_patch16_224', str(Path(d) / 'm.pth'), img_size=32, patch_size=8, num_classes=10)), weights_digest(m))
+    test_eq(base_card()['arch_kwargs'], DEFAULT_ARCH_KWARGS)  # the committed weights' card
+    test_eq(base_card('default', str(run))['arch_kwargs'], DEFAULT_ARCH_KWARGS)  # the run's card
+    test_eq(base_card('vit-ti8', str(Path(d) / 'ti8.pth')), dict(arch=DEFAULT_ARCH, arch_kwargs=EMBEDDED_MODELS['vit-ti8']['kwargs']))
+    test_eq(base_card('vit_small_patch16_224', 'hub'), dict(arch='vit_small_patch16_224', arch_kwargs={}))
+    old = save_checkpoint(t8, Path(d) / 'old_ti8.safetensors', model_card(t8, 'vit-ti8', {}))  # a vit-ti8 finetune's card before base_card
+    test_eq(weights_digest(load_checkpoint(old)[0]), weights_digest(t8))
+test_fail(lambda: get_model('default', 'hub'), contains="the embedded model 'default' has none")
+test_eq(loader_size(base), dict(img_size=32, crop_pct=1.0))
+test_eq(loader_size(create_vit('vit_tiny_patch16_224', depth=1)), dict(img_size=224, crop_pct=0.875))

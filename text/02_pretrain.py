@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from ns_vit.progress import tqdm
 from ns_vit.data import UInt8Images, augment
 from ns_vit.training import cosine_lr, read_state, save_state
 from ns_vit.models import PixelViT, accuracy, model_device

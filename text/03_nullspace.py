@@ -486,7 +486,7 @@ for ax, lab in zip(axes[:, 0], ('x', 'v', 'x + v')):
     ax.text(-0.15, 0.5, lab, transform=ax.transAxes, ha='right', va='center')
 rep2 = report_dir('fig2_exact_nullspace', smoke, params=params, commit=commit_report)
 save_figure(fig, rep2, 'fig2'); save_table(invariance, rep2, 'invariance', floatfmt='.2e')
-write_meta(rep2, params, t0, device, default_model_weights=default_weights)
+write_meta(rep2, params, t0, device, default_model_weights=default_weights);
 
 # %% [markdown]
 # The basis vectors are unstructured colour patterns within an 8×8 patch: directions the patch embedding throws

@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn, Tensor
 import torch.distributed as dist
-from tqdm.auto import tqdm
+from ns_vit.progress import tqdm
 from ns_vit.models import as_vit, model_device, eval_mode, frozen, embed_shape  # `frozen`, `embed_shape` re-exported here (`_all_`)
 from ns_vit.checks import check_images, check_model
 _all_ = ['frozen', 'embed_shape']

@@ -26,9 +26,9 @@
 # %%
 import time
 import numpy as np, pandas as pd, torch, matplotlib.pyplot as plt
-from tqdm.auto import tqdm
+from ns_vit.progress import tqdm
 from ns_vit.data import load_images, repo_root
-from ns_vit.models import get_model, default_vit, as_vit, DEFAULT_CHECKPOINT, experiment_model
+from ns_vit.models import get_model, default_vit, as_vit, DEFAULT_CHECKPOINT, experiment_model, loader_size
 from ns_vit.noise import embed_shape, noise_influence, synthesize_noise, permute_noise, gaussian_like
 from ns_vit.report import report_dir, write_meta, save_table, save_figure, in_test
 
@@ -70,8 +70,8 @@ N, D = embed_shape(net)
 # real images (before position embeddings).
 
 # %%
-x_train, _ = load_images(dataset, 'train', n_train, seed)
-x_test, _ = load_images(dataset, 'test', n_test, seed)
+x_train, _ = load_images(dataset, 'train', n_train, seed, **loader_size(net))  # an image folder at the model's input size
+x_test, _ = load_images(dataset, 'test', n_test, seed, **loader_size(net))
 with torch.no_grad(): tokens = as_vit(net).patch_embed(net.normalize(x_train[:256].to(device)))  # (B, N, D)
 tok_rms = tokens.pow(2).mean().sqrt().item()
 img_norm = tokens.flatten(1).norm(dim=1).mean().item()
@@ -138,7 +138,7 @@ fig.suptitle(f'Approximate nullspace noise, {dataset} test images ({n_test}), no
 fig.tight_layout()
 save_figure(fig, rep, 'fig3'); plt.close(fig)
 save_table(res, rep, 'fig3')
-write_meta(rep, params, t0, device, token_norm_per_image=img_norm, token_rms=tok_rms, ln_nullspace_check=ln_check)
+write_meta(rep, params, t0, device, token_norm_per_image=img_norm, token_rms=tok_rms, ln_nullspace_check=ln_check);
 
 # %% [markdown]
 # ## What the numbers say

@@ -24,9 +24,9 @@
 # %%
 import time
 import numpy as np, pandas as pd, torch, matplotlib.pyplot as plt
-from tqdm.auto import tqdm
+from ns_vit.progress import tqdm
 from ns_vit.data import load_images, repo_root
-from ns_vit.models import get_model, default_vit, as_vit, DEFAULT_CHECKPOINT, experiment_model
+from ns_vit.models import get_model, default_vit, as_vit, DEFAULT_CHECKPOINT, experiment_model, loader_size
 from fastcore.test import test_close
 from ns_vit.noise import embed_shape, embed_forward, noise_influence, prob_change, eps_noise
 from ns_vit.report import report_dir, write_meta, save_table, save_figure, in_test
@@ -72,8 +72,8 @@ net = experiment_model(model, checkpoint, device, smoke=smoke)  # smoke runs on 
 N, D = embed_shape(net)
 
 # %%
-x_train, _ = load_images(dataset, 'train', n_train, seed)
-x_test, _ = load_images(dataset, 'test', n_test, seed)
+x_train, _ = load_images(dataset, 'train', n_train, seed, **loader_size(net))  # an image folder at the model's input size
+x_test, _ = load_images(dataset, 'test', n_test, seed, **loader_size(net))
 with torch.no_grad(): tokens = as_vit(net).patch_embed(net.normalize(x_train[:256].to(device)))  # (B, N, D)
 img_norm = tokens.flatten(1).norm(dim=1).mean().item()
 print(f'{N} tokens × D = {D}: token norm {tokens.norm(dim=-1).mean():.2f}, per image {img_norm:.1f}, '
@@ -149,7 +149,7 @@ fig.colorbar(im, ax=axs[1], label='mse_prob'); axs[1].title.set_fontsize(10)
 fig.tight_layout()
 save_figure(fig, rep, 'fig5'); plt.close(fig)
 save_table(noises, rep, 'fig5_noises'); save_table(scaling, rep, 'fig5a_scaling'); save_table(pairs, rep, 'fig5b_pairs')
-write_meta(rep, params, t0, device, token_norm_per_image=img_norm, mean_cosine=cos[~torch.eye(n_noises, dtype=bool)].mean().item())
+write_meta(rep, params, t0, device, token_norm_per_image=img_norm, mean_cosine=cos[~torch.eye(n_noises, dtype=bool)].mean().item());
 
 
 # %% [markdown]

@@ -22,7 +22,7 @@ from torch import nn, Tensor
 import torch.nn.functional as F
 import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm.auto import tqdm
+from ns_vit.progress import tqdm
 from ns_vit.data import augment
 from ns_vit.training import cosine_lr, seed_of, rank_world, step_batches, gather, read_state, save_state  # `read_state` re-exported here (`_all_`)
 from ns_vit.models import PixelViT, model_device, frozen
@@ -583,7 +583,7 @@ commit_report: bool = False  # write into the committed reports/ folder even whe
 
 # %%
 import pandas as pd, matplotlib.pyplot as plt
-from ns_vit.report import report_dir, write_meta, save_table, save_figure, in_test, write_json, param
+from ns_vit.report import report_dir, write_meta, save_table, save_figure, in_test, write_json, param, relative_paths
 from ns_vit.evaluate import values_table, paired_tests
 from ns_vit.stats import paired_table, significance_sentence
 from ns_vit.experiments import run_finetune, evaluate_models
@@ -627,12 +627,12 @@ t0 = time.time()
 run = run_finetune(cfg, out=out, **common)
 run_dir, logs = run['run_dir'], run['logs']
 minutes[f'train {method}' + (' (reused)' if run['cached'] else '')] = (time.time() - t0) / 60
-print(f"run folder: {run_dir} ({'reused' if run['cached'] else 'trained'})")
+print(f"run folder: {relative_paths(run_dir)[0]} ({'reused' if run['cached'] else 'trained'})")
 if ctl is not None:
     t0 = time.time()
     crun = run_finetune(ctl, **common)
     minutes[f'train {control}' + (' (reused)' if crun['cached'] else '')] = (time.time() - t0) / 60
-    print(f"control ({control}): {crun['run_dir']} ({'reused' if crun['cached'] else 'trained'})")
+    print(f"control ({control}): {relative_paths(crun['run_dir'])[0]} ({'reused' if crun['cached'] else 'trained'})")
 
 
 # %%

@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn, Tensor
-from tqdm.auto import tqdm
+from ns_vit.progress import tqdm
 from ns_vit.data import cifar10, cache_dir, image_folder
 from ns_vit.cache import cached, content_digest, file_digest, folder_digest
-from ns_vit.models import predict, get_model, weights_digest, eval_mode, input_size
+from ns_vit.models import predict, get_model, weights_digest, loader_size, checkpoint_file, eval_mode
 from ns_vit.checks import check_model
 from ns_vit.training import atomic_save
 from ns_vit.stats import accuracy_ci, mcnemar, mean_ci, fmt_ci, paired_shares
@@ -174,10 +174,11 @@ def _test_sample(n: int | None, seed: int) -> tuple[Tensor, Tensor]:
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n or len(ds)]
     return ds.tensors(idx)
 
-def _inputs(name: str, m: Metric, n: int | None, data: dict, seed: int, quiet: bool) -> tuple[str, object]:
-    "(content digest, loaded inputs or None) of one metric's data: the digest is part of the evaluation cache's key."
+def _inputs(name: str, m: Metric, n: int | None, data: dict, seed: int, quiet: bool, crop_pct: float = 0.875) -> tuple[str, object]:
+    "(content digest, loaded inputs or None) of one metric's data (a `val` folder's at `crop_pct`): the digest is part of the evaluation cache's key."
     if m.kind in ('clean', 'attack'):
-        if 'val' in data: return folder_digest(data['val']), None
+        if 'val' in data:  # the crop joins the key where it is not the 0.875 that every earlier entry was scored at (their keys stay)
+            return folder_digest(data['val']) if crop_pct == 0.875 else content_digest(folder_digest(data['val']), crop_pct), None
         x, y = _test_sample(n, seed)
         return content_digest(x, y), (x, y)
     if m.kind == 'transfer':
@@ -197,14 +198,14 @@ def _per_cell(table: pd.DataFrame, per: dict, **extra) -> dict:
 
 def _score(model, name: str, m: Metric, n: int | None, data: dict, seed: int, batch_size: int, quiet: bool, inputs) -> dict:
     "Per-image correctness and extras of one metric (uncached), on `inputs` from `_inputs`."
-    size, num_workers = input_size(model)[0], int(data.get('num_workers', 4))
+    size, num_workers = loader_size(model), int(data.get('num_workers', 4))  # image folders at the model's input size
     if m.kind == 'clean':
         if 'val' in data:  # an ImageFolder validation set, decoded by DataLoader workers
-            return shift_accuracy(model, _folder_set(data['val'], n, seed, size), batch_size, num_workers, quiet)
+            return shift_accuracy(model, _folder_set(data['val'], n, seed, **size), batch_size, num_workers, quiet)
         x, y = inputs
         return dict(correct=predict(model, x, batch_size).argmax(1) == y)
     if m.kind == 'attack':
-        x, y = _folder_images(data['val'], n, seed, size, num_workers) if 'val' in data else inputs
+        x, y = _folder_images(data['val'], n, seed, num_workers, **size) if 'val' in data else inputs
         s = dict(m.settings); attack = s.pop('attack')
         r = run_attack(model, x[:n], y[:n], attack, batch_size=min(batch_size, 250), seed=seed, quiet=quiet, **s)
         return {k: v for k, v in r.items() if k not in ('adv_accuracy', 'n')}
@@ -212,26 +213,26 @@ def _score(model, name: str, m: Metric, n: int | None, data: dict, seed: int, ba
         x, y = inputs
         return dict(correct=predict(model, x, batch_size).argmax(1) == y)
     if m.kind == 'corruptions' and m.needs:  # ImageNet-C: mCE against AlexNet's errors beside the mean accuracy
-        table, per = imagenet_c_accuracy(model, data[m.needs], n, seed, img_size=size, batch_size=batch_size,
+        table, per = imagenet_c_accuracy(model, data[m.needs], n, seed, img_size=size['img_size'], batch_size=batch_size,
                                          num_workers=num_workers, quiet=quiet)
         return _per_cell(table, per, mce=mce(table))
     if m.kind == 'corruptions': return _per_cell(*corruption_accuracy(model, inputs, batch_size, per_image=True, quiet=quiet))
     if m.kind == 'shift':
         info = SHIFTS[m.settings['shift']]
-        shift = info.loader(data[m.needs], img_size=size) if info.scale == 'imagenet' else info.loader(data[m.needs])
+        shift = info.loader(data[m.needs], img_size=size['img_size']) if info.scale == 'imagenet' else info.loader(data[m.needs])
         return shift_accuracy(model, shift, batch_size, num_workers, quiet)
     raise ValueError(f'unknown metric kind {m.kind!r}')
 
-def _folder_set(root, n: int | None, seed: int, img_size: int = 224):
-    "An ImageFolder validation set as a ShiftSet (all logits), optionally a seeded sample of n images."
+def _folder_set(root, n: int | None, seed: int, img_size: int = 224, crop_pct: float = 0.875):
+    "An ImageFolder validation set (loaded at `img_size`, `crop_pct`) as a ShiftSet (all logits), optionally a seeded sample of n images."
     from ns_vit.shifts import ShiftSet
-    ds = image_folder(root, img_size)
+    ds = image_folder(root, img_size, crop_pct)
     if n: ds = torch.utils.data.Subset(ds, torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].tolist())
     return ShiftSet('val', ds, None, (), str(root))
 
-def _folder_images(root, n: int | None, seed: int, img_size: int, num_workers: int) -> tuple[Tensor, Tensor]:
+def _folder_images(root, n: int | None, seed: int, num_workers: int, **size) -> tuple[Tensor, Tensor]:
     "A seeded sample of n validation images as tensors (attacks need them in memory), decoded by `num_workers` DataLoader workers."
-    ds = _folder_set(root, n, seed, img_size).dataset
+    ds = _folder_set(root, n, seed, **size).dataset
     xs, ys = zip(*torch.utils.data.DataLoader(ds, batch_size=256, num_workers=num_workers))
     return torch.cat(xs), torch.cat(ys)
 
@@ -297,7 +298,7 @@ def evaluate(model: nn.Module, suite: str | list[str] = 'cifar10', n: int | dict
                                  ci_high=float('nan'), settings=json.dumps(m.settings), note=f'no data: pass data={{{m.needs!r}: <folder>}}'))
                 continue
             t0 = time.time()
-            data_digest, inputs = _inputs(name, m, k, data, seed, quiet)
+            data_digest, inputs = _inputs(name, m, k, data, seed, quiet, loader_size(model)['crop_pct'])
             meta = dict(version=EVAL_VERSION, model=digest, metric=name, kind=m.kind, settings=m.settings, n=k, seed=seed,
                         data=data_digest, code=file_digest(ns_vit.attacks.__file__)[:16] if m.kind == 'attack' else '')
             score = lambda: _score(model, name, m, k, data, seed, batch_size, quiet, inputs)
@@ -367,6 +368,28 @@ assert ri.loc[['a', 'r', 'sketch', 'stylized', 'imagenet_c', 'damagenet'], 'n'].
 test_eq(ri.loc['imagenet_c', 'note'], "no data: pass data={'imagenet_c': <folder>}")
 assert ri.loc['a', 'note'].startswith('no data')
 assert json.loads(ri.loc['fgsm', 'settings'])['eps'] == 1 / 255
+
+# %% [markdown]
+# A `val` folder is loaded at the model's input size (`loader_size`): a CIFAR-scale model reads a folder of its own
+# 32-pixel images whole, so it scores each image as it scores the same image from the CIFAR-10 tensors (the 0.875
+# centre crop of ImageNet models would zoom in by 14% and change some predictions).
+
+# %%
+from ns_vit.data import CIFAR10_CLASSES
+from ns_vit.models import get_model
+with tempfile.TemporaryDirectory() as d:
+    os.environ['NS_VIT_CACHE'] = d
+    x, y = _test_sample(40, 0)
+    for i, (img, c) in enumerate(zip(x, y)):
+        f = Path(d) / 'val' / CIFAR10_CLASSES[c] / f'{i:02d}.png'; f.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img.mul(255).round().byte().permute(1, 2, 0).numpy()).save(f)
+    base = get_model()
+    rv = evaluate(base, 'clean', data={'val': Path(d) / 'val', 'num_workers': 0}, quiet=True)
+    del os.environ['NS_VIT_CACHE']
+order = torch.tensor(sorted(range(len(y)), key=lambda i: (int(y[i]), i)))  # ImageFolder's order: class folders, then file names
+order = order[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]  # the seeded sample `_folder_set` scores
+test_eq(rv.attrs['correct']['clean'], predict(base, x[order]).argmax(1) == y[order])
+assert 0 < rv.value.iloc[0] < 1
 
 
 # %% [markdown]
@@ -515,8 +538,10 @@ def cli_parser() -> argparse.ArgumentParser:
     "The options of `ns-vit-evaluate`, each with its help."
     p = argparse.ArgumentParser(prog='ns-vit-evaluate', description='Score a ViT on the ns_vit robustness suite.',
                                 epilog=EVALUATE_EXAMPLE, formatter_class=CliHelp)
-    p.add_argument('--model', default='default', help="'default' (embedded CIFAR-10 ViT or an ns_vit checkpoint) or a timm ViT name")
-    p.add_argument('--checkpoint', default='', help="weights: '' (default model's), a local file, or 'hub'")
+    p.add_argument('--model', default='default', help="an embedded CIFAR-10 ViT ('default', 'vit-ti8'; any ns_vit checkpoint) or a timm ViT "
+                   "name: the architecture of a plain state dict in --checkpoint")
+    p.add_argument('--checkpoint', default='', help="weights: '' (the model's own), a finetune run folder, a .safetensors or plain "
+                   "state dict (.pth) of --model, or 'hub' (timm's, for a timm name)")
     p.add_argument('--suite', default='cifar10', help=f"one of {SUITES}, or comma-separated metric names of {list(_cifar_suite())}")
     p.add_argument('--n', nargs='+', type=_sample_size, default=None, metavar='N|METRIC=N',
                    help="a cap on every metric's sample size, and/or metric=N sizes for single metrics (each >= 1); default: the suite's sizes")
@@ -542,6 +567,9 @@ def main(argv: list[str] | None = None) -> None:
     data, suite = dict(d.split('=', 1) for d in a.data), a.suite.split(',') if ',' in a.suite else a.suite
     try: n = sample_sizes(a.n, suite); data = check_request(suite, n, data) | {'num_workers': a.num_workers}
     except ValueError as e: p.error(str(e))  # exit 2 with the message, before any work
+    if a.checkpoint not in ('', 'hub'):
+        try: checkpoint_file(a.checkpoint)  # a missing file or an unfinished run folder
+        except FileNotFoundError as e: p.error(str(e))
     model = get_model(a.model, a.checkpoint, a.device)
     df = evaluate(model, suite, n, data, a.seed)
     csv, md_path = output_paths(a.out)

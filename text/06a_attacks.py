@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 import torchattacks
 from torchattacks.attack import Attack
-from tqdm.auto import tqdm
+from ns_vit.progress import tqdm
 from ns_vit.models import as_vit, model_device, eval_mode, num_classes, patch_size, token_layout  # `num_classes`, `patch_size` re-exported here (`_all_`)
 from ns_vit.attention import record_attention
 from ns_vit.checks import check_images, check_model

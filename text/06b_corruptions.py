@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn, Tensor
-from tqdm.auto import tqdm
+from ns_vit.progress import tqdm
 import cv2
 from PIL import Image
 from scipy.ndimage import gaussian_filter, map_coordinates, zoom as scizoom
@@ -949,7 +949,7 @@ with warnings.catch_warnings():
 test_eq(len(t), 75); test_eq(t.n.unique().tolist(), [3]); test_eq(ok[('fog', 2)].shape, (3,))
 files = sorted((inc / 'fog' / '2').glob('*/*.png'))
 idx = torch.randperm(4, generator=torch.Generator().manual_seed(1))[:3].sort().values  # the sample, by hand
-x = torch.stack([torch.from_numpy(np.asarray(Image.open(files[i]))).permute(2, 0, 1).float() / 255 for i in idx])
+x = torch.stack([torch.from_numpy(np.array(Image.open(files[i]))).permute(2, 0, 1).float() / 255 for i in idx])
 test_eq(ok[('fog', 2)], predict(tiny, x).argmax(1) == torch.tensor([0, 0, 1, 1])[idx])
 (inc / 'fog' / '2' / 'n01440764' / 'a.png').rename(inc / 'fog' / '2' / 'n01440764' / 'z.png')
 with warnings.catch_warnings():
@@ -1054,7 +1054,7 @@ for c in CORRUPTIONS + EXTRA_CORRUPTIONS:
         t = time.process_time(); corrupt(bench, c, s, preset, seed)
         cost.append(dict(corruption=c, severity=s, s_per_1000=(time.process_time() - t) / len(bench) * 1000))
 cost = pd.DataFrame(cost).pivot(index='corruption', columns='severity', values='s_per_1000').loc[list(CORRUPTIONS + EXTRA_CORRUPTIONS)]
-cost['all 5'] = cost.sum(1)
+cost['all 5'] = cost.sum(axis=1)
 t = time.process_time(); predict(net, xs[:min(len(xs), 2000)].repeat(1 if smoke else 2, 1, 1, 1), batch_size)
 eval_per_1000 = (time.process_time() - t) / (min(len(xs), 2000) * (1 if smoke else 2)) * 1000
 torch.set_num_threads(threads)
@@ -1120,7 +1120,7 @@ ax.set_title(f"default model, CIFAR-10-C ({preset} preset), n = {n} per cell (±
 save_figure(fig, rep, 'accuracy'); plt.show()
 write_meta(rep, params, t0, clean_accuracy=clean['accuracy'], mean_corruption_accuracy=mean, build_cpu_s=round(build_cpu_s, 1),
            score_cpu_s=round(score_cpu_s, 1), gen_cpu_s_per_1000=round(float(gen_per_1000), 2),
-           eval_cpu_s_per_1000=round(float(eval_per_1000), 3), cache=str(cset.folder), generated=cset.generated)
+           eval_cpu_s_per_1000=round(float(eval_per_1000), 3), cache=str(cset.folder), generated=cset.generated);
 
 # %% [markdown]
 # **Result (default run, `papermill nbs/06b_corruptions.ipynb -p threads 1`, n = 2,000, seed 0, cifar10 preset).** The

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from ns_vit.progress import tqdm
 import ns_vit
 from ns_vit.data import UInt8Images, cifar10, cache_dir, repo_root
 from ns_vit.models import CIFAR10_MEAN, CIFAR10_STD, accuracy, model_device, weights_digest, frozen, save_checkpoint, load_checkpoint

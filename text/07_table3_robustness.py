@@ -22,9 +22,14 @@
 # `max_clean_drop` of the base model's**; the table's Madry and TRADES rows are then those runs. If no setting qualifies,
 # the notebook says so and keeps the smallest clean loss. The selection images are a seeded sample of the CIFAR-10 test
 # set (the suite has no separate validation split), so the choice has seen test images; the table's own images are a
-# different sample for the attacks but overlap for clean accuracy. Without the sweep the adversarial rows use
-# `FinetuneConfig`'s budget plus `adv_overrides` (e.g. a budget chosen earlier: `-p adv_overrides '{"adv_eps": 0.0157}'`).
-# The sweep trains 2 × |ε| × |lengths| models; it is not part of `make reports` (hours on 2 cores at the defaults).
+# different sample for the attacks but overlap for clean accuracy. Without the sweep (`make reports`) the adversarial
+# rows use **the budgets the committed sweep chose** (`reports/table3_robustness/sweep.csv`, read by `sweep_choice`; their
+# run folders are reused), or, with `budgets='config'` or before any sweep was committed, `FinetuneConfig`'s budget
+# (8/255, 400 steps: the collapse) plus `adv_overrides`. The sentence "Training budgets" under the table says which.
+# The sweep trains 2 × |ε| × |lengths| models and has a target of its own, `make adv-sweep`. At the defaults (ε 2, 4 and
+# 8/255 × 400 and 1,600 steps) that is 6,000 PGD-5 steps per method; measured here on one loaded core, a Madry step costs
+# 4.5× and a TRADES step 6.0× a plain step (2.50, 3.36 and 0.56 s per 128 images), so about 0.9 and 1.2 s on an idle
+# core and about 3.5 CPU-hours in all; the 8/255 × 400-step runs are Table 2's and are reused.
 #
 # Two readings of the table:
 #
@@ -43,7 +48,7 @@ import torch, numpy as np, pandas as pd, matplotlib.pyplot as plt
 from ns_vit.finetune import FinetuneConfig
 from ns_vit.experiments import compare_methods, run_finetune
 from ns_vit.data import load_images
-from ns_vit.models import accuracy
+from ns_vit.models import accuracy, get_model, loader_size
 from ns_vit.attacks import adversarial_accuracy
 from ns_vit.evaluate import values_table, paired_tests, ROBUSTNESS
 from ns_vit.stats import paired_table, significance_sentence, with_holm, with_averages
@@ -60,6 +65,7 @@ metrics: list = ['clean', 'fgsm', 'pgd', 'damagenet', 'cifar10_c']  # Table 3's 
 overrides: dict = {}  # FinetuneConfig fields changed for every run, e.g. {"steps": 800}; {} → the defaults (runs shared with 05, 08, 09)
 adv_overrides: dict = {}  # FinetuneConfig fields for madry and trades only when sweep is off, e.g. {"adv_eps": 0.0157, "steps": 1600}
 sweep: bool = False  # run the adversarial-training budget sweep and use its choice for the madry and trades rows
+budgets: str = 'sweep'  # without the sweep: 'sweep' = the committed sweep's choice (reports/table3_robustness/sweep.csv) when there is one; 'config' = FinetuneConfig's budget + adv_overrides
 sweep_adv_eps: list = [0.0078, 0.0157, 0.0314]  # training ε of the sweep (2/255, 4/255, 8/255)
 sweep_steps: list = [400, 1600]  # training lengths (optimiser steps) of the sweep
 sweep_eval_every: int = 100  # steps between the training curve's checks
@@ -94,12 +100,18 @@ if smoke:
 torch.set_num_threads(threads)
 common = dict(eps=eps, seed=seed) | overrides
 adv_methods = [m for m in methods if m in ('madry', 'trades')]
-configs = {m: FinetuneConfig(method=m, **(common | (adv_overrides if m in adv_methods else {}))).validate() for m in methods}
+if budgets not in ('sweep', 'config'): raise ValueError(f"budgets must be 'sweep' or 'config', got {budgets!r}")
+from ns_vit.experiments import sweep_choice
+from ns_vit.data import repo_root
+committed_sweep = repo_root() / 'reports/table3_robustness/sweep.csv'  # the committed choice, whatever folder this run writes to
+prior = sweep_choice(committed_sweep, tuple(adv_methods)) if budgets == 'sweep' and not sweep and not adv_overrides and not smoke else {}
+configs = {m: FinetuneConfig(method=m, **(common | (adv_overrides if m in adv_methods else {}) | prior.get(m, {}))).validate() for m in methods}
 grid = {(m, e, L): FinetuneConfig(method=m, **(common | dict(adv_eps=e, steps=L))).validate()
         for m in adv_methods for e in sweep_adv_eps for L in sweep_steps} if sweep else {}  # checked before any training
 params = dict(asdict(configs['ns']), overrides=overrides, adv_overrides=adv_overrides, methods=methods, model=model, checkpoint=checkpoint,
               dataset=dataset, train_fraction=train_fraction, metrics=metrics, n=n, device=device, smoke=smoke, sweep=sweep,
-              sweep_adv_eps=sweep_adv_eps, sweep_steps=sweep_steps, sweep_select_n=sweep_select_n, max_clean_drop=max_clean_drop)
+              sweep_adv_eps=sweep_adv_eps, sweep_steps=sweep_steps, sweep_select_n=sweep_select_n, max_clean_drop=max_clean_drop,
+              budgets=budgets, prior_budgets=prior)
 rep = report_dir('table3_robustness', smoke, params=params, commit=commit_report)
 t0 = time.time()
 
@@ -118,7 +130,7 @@ def score_selection(m, x, y) -> dict:
 
 sweep_rows, curves = [], {}
 if sweep:
-    xs, ys = load_images(dataset, 'test', sweep_select_n, seed + 7)  # the selection images (seed differs from the table's samples)
+    xs, ys = load_images(dataset, 'test', sweep_select_n, seed + 7, **loader_size(get_model(model, checkpoint)))  # the selection images (seed differs from the table's samples)
     for (m, e, L), c in grid.items():
         r = run_finetune(c, model=model, checkpoint=checkpoint, dataset=dataset, train_fraction=train_fraction, eval_size=sweep_select_n,
                          eval_every=sweep_eval_every, device=device, quiet=smoke, runs_root=runs_root)
@@ -149,6 +161,8 @@ if sweep:
                       f' — no setting kept clean accuracy within {100 * max_clean_drop:.0f} points; this is the smallest loss')
                       + ('' if r.pgd_gain > 0 else ' — no PGD-8/255 gain over the base on the selection images') + '.'
                       for m, r in chosen.items())
+elif prior: choice = ('no sweep in this run; the adversarial rows use the committed sweep\'s choice (reports/table3_robustness/sweep.csv): '
+                      + '; '.join(f"{m}: ε {b['adv_eps'] * 255:.0f}/255, {b['steps']} steps" for m, b in prior.items()) + '.')
 else: choice = "no sweep; the adversarial rows use FinetuneConfig's budget" + (f' with {adv_overrides}' if adv_overrides else '') + '.'
 print(choice)
 sweep_df if sweep else None
@@ -231,7 +245,7 @@ save_table(table, rep, 'table3'); save_table(values_table(results), rep, 'table3
 save_table(tradeoff, rep, 'tradeoff'); save_table(shown, rep, 'paired_tests'); save_table(paired_table(with_holm(gains)), rep, 'gains_vs_base')
 atomic_save(conclusion + '\n', rep / 'conclusion.md', lambda o, q: Path(q).write_text(o))
 write_meta(rep, params, t0, device, runs={k: r['run_dir'] for k, r in runs.items()}, conclusion=conclusion,
-           chosen_budgets={k: dict(adv_eps=c.adv_eps, steps=c.steps) for k, c in configs.items() if k in adv_methods})
+           chosen_budgets={k: dict(adv_eps=c.adv_eps, steps=c.steps) for k, c in configs.items() if k in adv_methods});
 
 # %%
 #| notest

@@ -133,7 +133,7 @@ save_figure(fig, rep, 'table2'); plt.close(fig)
 save_table(table, rep, 'table2'); save_table(vals, rep, 'table2_values'); save_table(show, rep, 'paired_tests')
 save_table(tidy, rep, 'table2_tidy')
 write_meta(rep, params, t0, device, runs={k: str(r['run_dir']) for k, r in runs.items()},
-           seconds_per_model={k: float(df.get('seconds', pd.Series(dtype=float)).sum()) for k, df in results.items()})
+           seconds_per_model={k: float(df.get('seconds', pd.Series(dtype=float)).sum()) for k, df in results.items()});
 
 # %% [markdown]
 # ## What the numbers say

@@ -586,7 +586,7 @@ for a, (k, s) in zip(axs, spec.items()):
     a.set(title=f'{k}\n(luminance, DCT frequency u, v)', xlabel='v', ylabel='u'); a.title.set_fontsize(8)
 fig.colorbar(im, ax=axs, shrink=0.8, label='share of the pattern in the nullspace')
 save_figure(fig, rep7, 'nullspace_spectrum'); plt.close(fig)
-save_table(spectrum, rep7, 'nullspace_spectrum')
+save_table(spectrum, rep7, 'nullspace_spectrum');
 
 # %% [markdown]
 # ### Figure 6: watermark
@@ -665,7 +665,7 @@ save_figure(fig, rep6, 'fig6'); plt.close(fig)
 save_table(fig6, rep6, 'fig6_watermark')
 write_meta(rep6, params, t0, device, solve_s=round(solve_s, 1), null_dims=null_dims(net),
            dykstra={k: i_box[k] for k in ('iters', 'patches', 'dykstra_unconverged', 'dykstra_residual', 'polished',
-                                          'fallback', 'fallback_lambda', 'unconverged', 'residual')})
+                                          'fallback', 'fallback_lambda', 'unconverged', 'residual')});
 
 # %% [markdown]
 # ### Figure 7: look-alike images
@@ -742,7 +742,7 @@ save_table(pairs.describe().T.reset_index(), rep7, 'fig7_pairs_describe')
 write_meta(rep7, params, t0, device, solve_s=round(lk_s, 1),
            dykstra={k: i_lk[k] for k in ('iters', 'patches', 'dykstra_unconverged', 'dykstra_residual', 'polished', 'fallback', 'fallback_lambda', 'unconverged', 'residual')},
            big_model=dict(name=big_model, weights='random init', img_size=big_size, **null_dims(big), max_abs_dlogit=i_big['max_abs_dlogit'],
-                          rel=big_rel, null_share=i_big['null_share'].mean().item(), share=i_big['share'].mean().item()))
+                          rel=big_rel, null_share=i_big['null_share'].mean().item(), share=i_big['share'].mean().item()));
 
 # %% [markdown]
 # ## What the numbers say

@@ -490,7 +490,7 @@ commit_report: bool = False  # write into the committed reports/ folder even whe
 # %%
 import time
 import pandas as pd, matplotlib.pyplot as plt
-from tqdm.auto import tqdm
+from ns_vit.progress import tqdm
 from ns_vit.data import load_images, repo_root, CIFAR10_CLASSES
 from ns_vit.models import get_model, default_vit, predict, DEFAULT_CHECKPOINT
 from ns_vit.applications import nullspace_blend
@@ -626,7 +626,7 @@ fig.tight_layout(rect=(0, 0.06, 1, 1)); fig.legend(*axs[0].get_legend_handles_la
 save_figure(fig, rep, 'fig8_10_agreement'); plt.show(); plt.close(fig)
 save_table(show, rep, 'agreement', floatfmt='.2g'); save_table(table, rep, 'agreement_full', floatfmt='.4g')
 save_table(pd.DataFrame([blend]), rep, 'blend', floatfmt='.3g')
-write_meta(rep, params, t0, device, cpu_time_s=round(time.process_time() - c0, 1), blend=blend)
+write_meta(rep, params, t0, device, cpu_time_s=round(time.process_time() - c0, 1), blend=blend);
 
 # %% [markdown]
 # ## What the numbers say

@@ -46,7 +46,7 @@ from dataclasses import asdict
 from pathlib import Path
 import numpy as np, pandas as pd, torch, matplotlib.pyplot as plt
 from ns_vit.data import load_images, repo_root, image_folder
-from ns_vit.models import get_model, as_vit
+from ns_vit.models import get_model, loader_size
 from ns_vit.finetune import FinetuneConfig, noise_variant, rounds_table, heldout_summary, synthesize_round, heldout_influence
 from ns_vit.experiments import run_finetune, train_data, HELDOUT_SEED
 from ns_vit.evaluate import evaluate
@@ -339,8 +339,8 @@ if auth_cells:
 
 # %%
 #| notest
-xm = load_images(dataset, 'test', mechanism_images, HELDOUT_SEED, img_size=int(as_vit(base_model).patch_embed.img_size[0]))[0]
-train_set = train_data(dataset, train_fraction, 0)
+xm = load_images(dataset, 'test', mechanism_images, HELDOUT_SEED, **loader_size(base_model))[0]
+train_set = train_data(dataset, train_fraction, 0, **loader_size(base_model))
 during = pd.DataFrame([dict(cell=cell, arm=arm, seed=s, **heldout_summary(runs[(cell, arm, s)]['logs'], arm_cfg(c.get('overrides', {}), arm, s).eps))
                        for cell, c in cells.items() for arm in c['arms'] if arm != 'none' for s in c['seeds']])
 probe = noise_variant('stream', **base_kw, augment=not imagenet)  # the default streamed loop, the same start for every model

@@ -26,7 +26,7 @@
 #
 
 # %%
-import copy, json, os, tempfile, time
+import copy, json, os, tempfile, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch, matplotlib.pyplot as plt
 from PIL import Image
@@ -166,7 +166,9 @@ with tempfile.TemporaryDirectory() as d:
     for w in workers:
         bs = min(64, loader_images)
         t = time.perf_counter(); n = 0
-        for x, y in step_batches(ds, bs, 0, 0, loader_images // bs, num_workers=w, pin_memory=device.startswith('cuda')): n += len(x)
+        with warnings.catch_warnings():  # more workers than CPUs is one of the timed settings: torch's warning against it is what the row measures
+            warnings.filterwarnings('ignore', message='This DataLoader will create', category=UserWarning)
+            for x, y in step_batches(ds, bs, 0, 0, loader_images // bs, num_workers=w, pin_memory=device.startswith('cuda')): n += len(x)
         rows.append(dict(workers=w, images=n, seconds=time.perf_counter() - t, images_per_s=n / (time.perf_counter() - t)))
 loader = pd.DataFrame(rows)
 save_table(loader, rep, 'imagefolder_loader')
