@@ -109,7 +109,7 @@ bench:  ## NS/plain time ratio (both embedded models), evaluation-suite minutes,
 	  runs/reports/12_benchmarks_vit-ti8.ipynb --cwd . -p model vit-ti8 -p commit_report True; fi
 	$(MAKE) -s index
 
-adv-sweep:  ## Table 3's adversarial-training budget sweep (issue 27; about 3.5 CPU-hours on 1 core; reuses run folders) -> reports/table3_robustness
+adv-sweep:  ## Table 3's adversarial-training budget sweep (issue 27; about 3.5 CPU-hours on 1 core; reuses run folders; then make reports puts its choice in Table 3) -> reports/table3_robustness/sweep
 	mkdir -p runs/reports reports/notebooks
 	$(PAPERMILL) nbs/07_table3_robustness.ipynb runs/reports/07_table3_robustness_sweep.ipynb --cwd . -p sweep True -p threads 1
 	$(MAKE) -s index

@@ -210,7 +210,7 @@ RUNS: tuple[Run, ...] = (
     _reports('10_blend', 'fig6_watermark', 'fig7_lookalike'), _reports('03_nullspace', 'table1_nullspace_dims', 'fig2_exact_nullspace'),
     _reports('07_table3_robustness', 'table3_robustness'),
     # make adv-sweep, make fingerprint-impostors: the parts of Tables 3 and the fingerprint that do not fit make reports' hour
-    Run('07_table3_robustness', 'adv-sweep', ('table3_robustness',), {'sweep': 'True', 'threads': '1'},
+    Run('07_table3_robustness', 'adv-sweep', ('table3_robustness/sweep',), {'sweep': 'True', 'threads': '1'},
         executed='runs/reports/07_table3_robustness_sweep.ipynb'),
     Run('10b_fingerprint', 'fingerprint-impostors', ('fingerprint/impostors',), {'impostors': 'True', 'threads': '2'},
         executed='runs/reports/10b_fingerprint_impostors.ipynb'),

@@ -6,7 +6,8 @@ Cases and where each is tested:
   naming `PixelViT(vit, mean, std)` and `create_vit` (here; the checks themselves: nbs/01d_checks.ipynb).
 - a 100-class checkpoint scored on CIFAR-10 without a word -> ValueError naming both class counts (here).
 - uint8 / 0-255 / already-normalised / channels-last / empty / NaN images -> `check_images` errors naming the fix
-  (nbs/01d_checks.ipynb; the calls at the entry of `eps_noise`, `noise_influence`, `accuracy` are the owner's to add).
+  (nbs/01d_checks.ipynb); at the entry of `eps_noise` (0-255 images reported a noise inside eps after 0 steps; one NaN
+  pixel gave an all-NaN delta; an empty batch a zero delta), `noise_influence` and `accuracy` (here).
 - ImageFolder labels were sorted folder positions: cat/ + dog/ scored 1.5%, two extra class folders 55.8% -> labels by
   CIFAR-10 name / ImageNet wnid, unknown class folders refused by name (nbs/00_data.ipynb).
 - a partial CIFAR-10 (5 empty test-class folders, an archive repacked from them) and a 1-bit flip in the archive ->
@@ -77,3 +78,23 @@ def test_evaluate_and_attacks_restore_the_callers_mode(tmp_path, monkeypatch):
             with pytest.raises(RuntimeError, match='raised inside the forward'): call()
             assert all(k.training for k in m.modules())
     finally: hook.remove()
+
+
+@pytest.mark.parametrize('bad, message', [
+    (lambda x: x * 255, 'divide by 255'),                         # 0-255 pixel values as floats
+    (lambda x: (x * 255).to(torch.uint8), 'divide by 255'),       # uint8 images
+    (lambda x: (x - 0.5) / 0.25, 'already normalised'),           # normalised twice
+    (lambda x: x.permute(0, 2, 3, 1), 'channels-last'),           # B x H x W x C
+    (lambda x: x[:0], 'empty'),                                   # no images
+    (lambda x: x.index_put_((torch.tensor([1]),), torch.tensor(float('nan'))), 'NaN'),  # one NaN image
+])
+def test_entry_points_refuse_bad_images(bad, message):
+    "eps_noise, noise_influence and accuracy refuse each bad batch at once, naming the fix, as a user calling them from Python."
+    from ns_vit.models import create_vit, accuracy
+    from ns_vit.noise import eps_noise, noise_influence
+    torch.manual_seed(0)
+    model = create_vit(ARCH, num_classes=10, **TINY)
+    x = bad(torch.rand(4, 3, 32, 32))
+    with pytest.raises((TypeError, ValueError), match=message): eps_noise(model, x, eps=0.03, max_steps=3)
+    with pytest.raises((TypeError, ValueError), match=message): noise_influence(model, x, None)
+    with pytest.raises((TypeError, ValueError), match=message): accuracy(model, x, torch.zeros(len(x), dtype=torch.long))

@@ -23,10 +23,12 @@
 # the notebook says so and keeps the smallest clean loss. The selection images are a seeded sample of the CIFAR-10 test
 # set (the suite has no separate validation split), so the choice has seen test images; the table's own images are a
 # different sample for the attacks but overlap for clean accuracy. Without the sweep (`make reports`) the adversarial
-# rows use **the budgets the committed sweep chose** (`reports/table3_robustness/sweep.csv`, read by `sweep_choice`; their
+# rows use **the budgets the committed sweep chose** (`reports/table3_robustness/sweep/sweep.csv`, read by `sweep_choice`; their
 # run folders are reused), or, with `budgets='config'` or before any sweep was committed, `FinetuneConfig`'s budget
 # (8/255, 400 steps: the collapse) plus `adv_overrides`. The sentence "Training budgets" under the table says which.
-# The sweep trains 2 × |ε| × |lengths| models and has a target of its own, `make adv-sweep`. At the defaults (ε 2, 4 and
+# The sweep trains 2 × |ε| × |lengths| models and has a target of its own, `make adv-sweep`, which writes the sweep, its
+# curves and the table at the chosen budgets into `reports/table3_robustness/sweep/`; the next `make reports` (or its run
+# of this notebook) then puts the chosen budgets into Table 3 itself, reusing the chosen runs. At the defaults (ε 2, 4 and
 # 8/255 × 400 and 1,600 steps) that is 6,000 PGD-5 steps per method; measured here on one loaded core, a Madry step costs
 # 4.5× and a TRADES step 6.0× a plain step (2.50, 3.36 and 0.56 s per 128 images), so about 0.9 and 1.2 s on an idle
 # core and about 3.5 CPU-hours in all; the 8/255 × 400-step runs are Table 2's and are reused.
@@ -65,7 +67,7 @@ metrics: list = ['clean', 'fgsm', 'pgd', 'damagenet', 'cifar10_c']  # Table 3's 
 overrides: dict = {}  # FinetuneConfig fields changed for every run, e.g. {"steps": 800}; {} → the defaults (runs shared with 05, 08, 09)
 adv_overrides: dict = {}  # FinetuneConfig fields for madry and trades only when sweep is off, e.g. {"adv_eps": 0.0157, "steps": 1600}
 sweep: bool = False  # run the adversarial-training budget sweep and use its choice for the madry and trades rows
-budgets: str = 'sweep'  # without the sweep: 'sweep' = the committed sweep's choice (reports/table3_robustness/sweep.csv) when there is one; 'config' = FinetuneConfig's budget + adv_overrides
+budgets: str = 'sweep'  # without the sweep: 'sweep' = the committed sweep's choice (reports/table3_robustness/sweep/sweep.csv) when there is one; 'config' = FinetuneConfig's budget + adv_overrides
 sweep_adv_eps: list = [0.0078, 0.0157, 0.0314]  # training ε of the sweep (2/255, 4/255, 8/255)
 sweep_steps: list = [400, 1600]  # training lengths (optimiser steps) of the sweep
 sweep_eval_every: int = 100  # steps between the training curve's checks
@@ -85,6 +87,7 @@ commit_report: bool = False  # write into the committed reports/ folder even whe
 # %%
 #| notest
 smoke = smoke or in_test()
+artifact = 'table3_robustness/sweep' if sweep else 'table3_robustness'  # the sweep's own folder: Table 3 itself has one writer, make reports
 methods, metrics, overrides, adv_overrides = param(methods), param(metrics), param(overrides), param(adv_overrides)
 sweep_adv_eps, sweep_steps = param(sweep_adv_eps), param(sweep_steps)
 if 'ns' not in methods or not {'madry', 'trades'} & set(methods):
@@ -103,7 +106,7 @@ adv_methods = [m for m in methods if m in ('madry', 'trades')]
 if budgets not in ('sweep', 'config'): raise ValueError(f"budgets must be 'sweep' or 'config', got {budgets!r}")
 from ns_vit.experiments import sweep_choice
 from ns_vit.data import repo_root
-committed_sweep = repo_root() / 'reports/table3_robustness/sweep.csv'  # the committed choice, whatever folder this run writes to
+committed_sweep = repo_root() / 'reports/table3_robustness/sweep/sweep.csv'  # the committed choice, whatever folder this run writes to
 prior = sweep_choice(committed_sweep, tuple(adv_methods)) if budgets == 'sweep' and not sweep and not adv_overrides and not smoke else {}
 configs = {m: FinetuneConfig(method=m, **(common | (adv_overrides if m in adv_methods else {}) | prior.get(m, {}))).validate() for m in methods}
 grid = {(m, e, L): FinetuneConfig(method=m, **(common | dict(adv_eps=e, steps=L))).validate()
@@ -112,7 +115,7 @@ params = dict(asdict(configs['ns']), overrides=overrides, adv_overrides=adv_over
               dataset=dataset, train_fraction=train_fraction, metrics=metrics, n=n, device=device, smoke=smoke, sweep=sweep,
               sweep_adv_eps=sweep_adv_eps, sweep_steps=sweep_steps, sweep_select_n=sweep_select_n, max_clean_drop=max_clean_drop,
               budgets=budgets, prior_budgets=prior)
-rep = report_dir('table3_robustness', smoke, params=params, commit=commit_report)
+rep = report_dir(artifact, smoke, params=params, commit=commit_report)
 t0 = time.time()
 
 
@@ -161,7 +164,7 @@ if sweep:
                       f' — no setting kept clean accuracy within {100 * max_clean_drop:.0f} points; this is the smallest loss')
                       + ('' if r.pgd_gain > 0 else ' — no PGD-8/255 gain over the base on the selection images') + '.'
                       for m, r in chosen.items())
-elif prior: choice = ('no sweep in this run; the adversarial rows use the committed sweep\'s choice (reports/table3_robustness/sweep.csv): '
+elif prior: choice = ('no sweep in this run; the adversarial rows use the committed sweep\'s choice (reports/table3_robustness/sweep/sweep.csv): '
                       + '; '.join(f"{m}: ε {b['adv_eps'] * 255:.0f}/255, {b['steps']} steps" for m, b in prior.items()) + '.')
 else: choice = "no sweep; the adversarial rows use FinetuneConfig's budget" + (f' with {adv_overrides}' if adv_overrides else '') + '.'
 print(choice)
