@@ -36,3 +36,20 @@ def test_notebook_smoke(name, tmp_path):
         meta = json.loads((d / 'meta.json').read_text())
         assert meta['params'].get('smoke') is True
         assert any(d.glob('*.png')) or any(d.glob('*.md')), f'{d} holds no figure or table'
+
+
+def test_every_experiment_notebook_guards_its_committed_report():
+    """Issue 28: every experiment notebook has `report` and `commit_report` parameters and hands its parameters to
+    `report_dir`, so a run at other parameters writes to runs/reports/<artifact>-<digest> (and says so) unless it names
+    a folder with -p report or passes -p commit_report True, as the make targets do."""
+    import json, re
+    from ns_vit.report import RUNS
+    for name in sorted({r.notebook for r in RUNS}):
+        nb = json.loads((ROOT / 'nbs' / f'{name}.ipynb').read_text())
+        params = next(''.join(c['source']) for c in nb['cells'] if 'parameters' in c.get('metadata', {}).get('tags', []))
+        assert re.search(r'^report: str = ', params, re.M) and re.search(r'^commit_report: bool = False', params, re.M), name
+        text = ''.join(''.join(c['source']) for c in nb['cells'])
+        n = text.count('report_dir(')
+        assert n >= 1, f'{name} never calls report_dir'
+        assert text.count('params=params, commit=commit_report or bool(report)') == n, \
+            f'{name}: every report_dir call must take params=params, commit=commit_report or bool(report)'

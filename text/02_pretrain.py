@@ -172,6 +172,7 @@ val_each_epoch: bool = True  # test accuracy after every epoch (a curve; nothing
 threads: int = 2  # CPU threads for torch
 device: str = 'cpu'  # 'cpu', 'cuda', 'cuda:1', ...
 smoke: bool = False  # tiny run for tests: 1 epoch on 1,024 images, written under runs/smoke/
+report: str = ''  # folder under reports/ for this run; '' → pretrain (default model) or pretrain/<model>. A named folder is written whatever the parameters (unnamed, a non-default run goes to runs/reports/<artifact>-<digest>)
 commit_report: bool = False  # write into the committed reports/ folder even when the parameters differ from its meta.json (make reports and make study do)
 
 
@@ -194,7 +195,7 @@ arch = EMBEDDED_MODELS[model]
 root = repo_root()
 run_dir = root / ('runs/smoke/pretrain' if smoke else 'runs/pretrain'); run_dir.mkdir(parents=True, exist_ok=True)
 out = (run_dir / Path(arch['checkpoint']).name) if smoke else root / arch['checkpoint']
-rep = report_dir('pretrain' if model == 'default' else f'pretrain/{model}', smoke, params=params, commit=commit_report)
+rep = report_dir(report or ('pretrain' if model == 'default' else f'pretrain/{model}'), smoke, params=params, commit=commit_report or bool(report))
 if not smoke and not rep.is_relative_to(root / 'reports'): out = rep / out.name  # a trial run keeps the committed weights too
 t0 = time.time()
 

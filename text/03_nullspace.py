@@ -355,6 +355,7 @@ n_images: int = 8  # CIFAR-10 test images in the invariance check (Figure 2 show
 seed: int = 0  # seed of the image subset and of the noise
 smoke: bool = False  # tiny run for tests
 device: str = 'cpu'  # 'cpu', 'cuda', 'cuda:1', ...
+report: str = ''  # folder under reports/ for this run; '' → table1_nullspace_dims and fig2_exact_nullspace (a named folder holds both as subfolders). A named folder is written whatever the parameters (unnamed, a non-default run goes to runs/reports/<artifact>-<digest>)
 commit_report: bool = False  # write into the committed reports/ folder even when the parameters differ from its meta.json (make reports and make study do)
 
 
@@ -402,7 +403,7 @@ for name_e, e in EMBEDDED_MODELS.items():  # the other embedded models: trained 
     rows.append(dict(model=f'ns_vit {name_e} (CIFAR-10)', weights='trained (02_pretrain)' if trained else 'random init', **null_dims(m_e)))
 table1 = pd.DataFrame(rows).rename(columns={'null_dim_rank_nullity': 'null_dim'})
 table1 = table1[['model', 'patch', 'embed_dim', 'input_dim', 'null_dim', 'null_dim_numerical', 'weights']]
-rep1 = report_dir('table1_nullspace_dims', smoke, params=params, commit=commit_report)
+rep1 = report_dir(f'{report}/table1_nullspace_dims' if report else 'table1_nullspace_dims', smoke, params=params, commit=commit_report or bool(report))
 save_table(table1, rep1, 'table1'); write_meta(rep1, params, t0, device)
 table1
 
@@ -484,7 +485,7 @@ for j in range(n_show):
     show(axes[2, j], x[j] + v[j], f'pred: {c1}\nmax|Δlogit| = {dl:.1e}')
 for ax, lab in zip(axes[:, 0], ('x', 'v', 'x + v')):
     ax.text(-0.15, 0.5, lab, transform=ax.transAxes, ha='right', va='center')
-rep2 = report_dir('fig2_exact_nullspace', smoke, params=params, commit=commit_report)
+rep2 = report_dir(f'{report}/fig2_exact_nullspace' if report else 'fig2_exact_nullspace', smoke, params=params, commit=commit_report or bool(report))
 save_figure(fig, rep2, 'fig2'); save_table(invariance, rep2, 'invariance', floatfmt='.2e')
 write_meta(rep2, params, t0, device, default_model_weights=default_weights);
 

@@ -60,7 +60,7 @@ if smoke: threads = 1  # tiny tensors: a second thread only adds overhead (and s
 torch.set_num_threads(threads)
 params = dict(lams=lams, model=model, report=report, checkpoint=checkpoint, dataset=dataset, n_train=n_train, n_test=n_test, steps=steps,
               lim=lim, lr=lr, seed=seed, device=device, smoke=smoke)
-rep = report_dir(report or ('fig3_approx_nullspace' if model == 'default' else f'fig3_approx_nullspace/{model}'), smoke, params=params, commit=commit_report)
+rep = report_dir(report or ('fig3_approx_nullspace' if model == 'default' else f'fig3_approx_nullspace/{model}'), smoke, params=params, commit=commit_report or bool(report))
 t0 = time.time()
 net = experiment_model(model, checkpoint, device, smoke=smoke)  # smoke runs on a clone without the weights: a stand-in
 N, D = embed_shape(net)

@@ -53,6 +53,7 @@ seed: int = 0  # seed of the image samples and the noise starts (noise i starts 
 device: str = 'cpu'  # 'cpu', 'cuda', ...
 threads: int = 2  # CPU threads for torch
 smoke: bool = False  # tiny run for tests (written under runs/smoke/)
+report: str = ''  # folder under reports/ for this run; '' → fig5_closure. A named folder is written whatever the parameters (unnamed, a non-default run goes to runs/reports/<artifact>-<digest>)
 commit_report: bool = False  # write into the committed reports/ folder even when the parameters differ from its meta.json (make reports and make study do)
 
 
@@ -66,7 +67,7 @@ coefs = np.linspace(0, 1, grid).round(4)
 params = dict(eps=eps, n_noises=n_noises, alpha_max=alpha_max, n_alpha=n_alpha, grid=grid, model=model, checkpoint=checkpoint,
               dataset=dataset, n_train=n_train, n_test=n_test, steps=steps, lim=lim, lr=lr, lam=lam, seed=seed,
               device=device, smoke=smoke)
-rep = report_dir('fig5_closure', smoke, params=params, commit=commit_report)
+rep = report_dir(report or 'fig5_closure', smoke, params=params, commit=commit_report or bool(report))
 t0 = time.time()
 net = experiment_model(model, checkpoint, device, smoke=smoke)  # smoke runs on a clone without the weights: a stand-in
 N, D = embed_shape(net)

@@ -616,7 +616,7 @@ ctl = replace(cfg, method=control).validate() if control and control != method e
 params = dict(asdict(cfg), noise=noise, control=control, overrides=overrides, model=model, checkpoint=checkpoint, dataset=dataset,
               train_fraction=train_fraction, eval_size=eval_size, eval_every=eval_every, heldout_size=heldout_size,
               metrics=metrics, n=n, out=out, runs_root=runs_root, device=device, smoke=smoke)
-rep = report_dir(report or f'finetune/{method}{"-fixed" if noise == "fixed" else ""}-eps{eps:g}', smoke, params=params, commit=commit_report)
+rep = report_dir(report or f'finetune/{method}{"-fixed" if noise == "fixed" else ""}-eps{eps:g}', smoke, params=params, commit=commit_report or bool(report))
 minutes = {}
 
 

@@ -1095,6 +1095,7 @@ batch_size: int = 250  # images per attack batch
 device: str = 'cpu'  # 'cpu', 'cuda', ...
 threads: int = 2  # CPU threads for torch
 smoke: bool = False  # tiny run for tests (written under runs/smoke/)
+report: str = ''  # folder under reports/ for this run; '' → attack_budgets. A named folder is written whatever the parameters (unnamed, a non-default run goes to runs/reports/<artifact>-<digest>)
 commit_report: bool = False  # write into the committed reports/ folder even when the parameters differ from its meta.json (make reports and make study do)
 
 
@@ -1110,7 +1111,7 @@ if smoke: P['cw_search'].update(steps=5, cw_search_steps=2)
 params = dict(n_images=n_images, n_costly=n_costly, n_sweep=n_sweep, eps_list=eps_list, cw_radii=cw_radii, mild_list=mild_list,
               pgd_steps=pgd_steps, preset=preset, model=model,
               checkpoint=checkpoint, seed=seed, batch_size=batch_size, device=device, threads=threads, smoke=smoke)
-rep = report_dir('attack_budgets', smoke, params=params, commit=commit_report)
+rep = report_dir(report or 'attack_budgets', smoke, params=params, commit=commit_report or bool(report))
 t0 = time.time()
 victim = experiment_model(model, checkpoint, device, smoke=smoke)  # smoke runs on a clone without the weights: a stand-in
 x_all, y_all = load_images('cifar10', 'test', n_images, seed)

@@ -997,6 +997,7 @@ example: int = 7  # index (in the sample) of the image shown in the figure
 batch_size: int = 500  # evaluation batch size
 threads: int = 1  # CPU threads for torch
 smoke: bool = False  # tiny run for tests (written under runs/smoke/)
+report: str = ''  # folder under reports/ for this run; '' → corruptions. A named folder is written whatever the parameters (unnamed, a non-default run goes to runs/reports/<artifact>-<digest>)
 commit_report: bool = False  # write into the committed reports/ folder even when the parameters differ from its meta.json (make reports and make study do)
 
 
@@ -1012,7 +1013,7 @@ torch.set_num_threads(threads)
 sevs = tuple(int(s) for s in severities.split(','))
 params = dict(preset=preset, n=n, seed=seed, severities=list(sevs), bench_n=bench_n, example=example, batch_size=batch_size,
               threads=threads, smoke=smoke)
-rep = report_dir('corruptions', smoke, params=params, commit=commit_report)
+rep = report_dir(report or 'corruptions', smoke, params=params, commit=commit_report or bool(report))
 t0 = time.time()
 try: net = load_default_model()
 except FileNotFoundError:

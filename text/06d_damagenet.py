@@ -611,6 +611,7 @@ checkpoint: str = ''  # its weights: '' (the default model's), a local file, or 
 device: str = 'cpu'  # 'cpu', 'cuda', ...
 threads: int = 2  # CPU threads for torch
 smoke: bool = False  # tiny run for tests (random-ish surrogate, a few images; written under runs/smoke/)
+report: str = ''  # folder under reports/ for this run; '' → damagenet_cifar10. A named folder is written whatever the parameters (unnamed, a non-default run goes to runs/reports/<artifact>-<digest>)
 commit_report: bool = False  # write into the committed reports/ folder even when the parameters differ from its meta.json (make reports and make study do)
 
 
@@ -625,7 +626,7 @@ if smoke: n, steps, threads = 8, 2, 1
 torch.set_num_threads(threads)
 params = dict(n=n, seed=seed, eps=eps, steps=steps, rmsd=rmsd, proxy=proxy, surrogate_epochs=surrogate_epochs, model=model,
               checkpoint=checkpoint, device=device, threads=threads, smoke=smoke)
-out = report_dir('damagenet_cifar10', smoke, params=params, commit=commit_report)
+out = report_dir(report or 'damagenet_cifar10', smoke, params=params, commit=commit_report or bool(report))
 t0 = time.time()
 
 # %%

@@ -81,6 +81,7 @@ seed: int = 0  # seed of everything random
 device: str = 'cpu'  # 'cpu', 'cuda', ...
 threads: int = 2  # CPU threads for torch
 smoke: bool = False  # tiny run for tests (written under runs/smoke/)
+report: str = ''  # folder under reports/ for this run; '' → table3_robustness, or table3_robustness/sweep with sweep=True. A named folder is written whatever the parameters (unnamed, a non-default run goes to runs/reports/<artifact>-<digest>)
 commit_report: bool = False  # write into the committed reports/ folder even when the parameters differ from its meta.json (make reports and make study do)
 
 
@@ -115,7 +116,7 @@ params = dict(asdict(configs['ns']), overrides=overrides, adv_overrides=adv_over
               dataset=dataset, train_fraction=train_fraction, metrics=metrics, n=n, device=device, smoke=smoke, sweep=sweep,
               sweep_adv_eps=sweep_adv_eps, sweep_steps=sweep_steps, sweep_select_n=sweep_select_n, max_clean_drop=max_clean_drop,
               budgets=budgets, prior_budgets=prior)
-rep = report_dir(artifact, smoke, params=params, commit=commit_report)
+rep = report_dir(report or artifact, smoke, params=params, commit=commit_report or bool(report))
 t0 = time.time()
 
 

@@ -38,6 +38,7 @@ seed: int = 0  # seed of everything random
 device: str = 'cpu'  # 'cpu', 'cuda', ...
 threads: int = 2  # CPU threads for torch
 smoke: bool = False  # tiny run for tests (written under runs/smoke/)
+report: str = ''  # folder under reports/ for this run; '' → table4_eps_ablation. A named folder is written whatever the parameters (unnamed, a non-default run goes to runs/reports/<artifact>-<digest>)
 commit_report: bool = False  # write into the committed reports/ folder even when the parameters differ from its meta.json (make reports and make study do)
 
 
@@ -60,7 +61,7 @@ for e in eps_values:
     configs[f'random ε={e:g}'] = FinetuneConfig(method='gaussian', eps=e, **common).validate()
 params = dict(asdict(configs['none']), overrides=overrides, eps_values=eps_values, model=model, checkpoint=checkpoint, dataset=dataset,
               train_fraction=train_fraction, metrics=metrics, n=n, seed=seed, device=device, smoke=smoke)
-rep = report_dir('table4_eps_ablation', smoke, params=params, commit=commit_report)
+rep = report_dir(report or 'table4_eps_ablation', smoke, params=params, commit=commit_report or bool(report))
 t0 = time.time()
 
 

@@ -48,7 +48,7 @@ n: dict = {}  # images per metric, e.g. {"patch_fool": 500}; {} → the suite's 
 seed: int = 0  # seed of the finetuning runs and of the evaluation samples
 device: str = 'cpu'  # 'cpu', 'cuda', ...
 threads: int = 2  # CPU threads for torch
-report: str = 'table2_robustness'  # report folder under reports/: name another for a non-default run, so the committed one stays
+report: str = ''  # folder under reports/ for this run; '' → table2_robustness. A named folder is written whatever the parameters (unnamed, a non-default run goes to runs/reports/<artifact>-<digest>)
 runs_root: str = ''  # folder of the finetuning runs ('' → runs/finetune)
 smoke: bool = False  # tiny run for tests (written under runs/smoke/)
 commit_report: bool = False  # write into the committed reports/ folder even when the parameters differ from its meta.json (make reports and make study do)
@@ -76,7 +76,7 @@ check_request(metrics, n, data)  # suite, metric names, n and data folders: chec
 params = dict(cfg_kw, methods=methods, model=model, checkpoint=checkpoint, dataset=dataset, train_fraction=train_fraction,
               suite=suite, metrics=metrics, n=n, data=data, seed=seed, device=device, threads=threads, smoke=smoke,
               report=report, runs_root=runs_root)
-rep = report_dir(report, smoke, params=params, commit=commit_report)
+rep = report_dir(report or 'table2_robustness', smoke, params=params, commit=commit_report or bool(report))
 t0 = time.time()
 
 # %%

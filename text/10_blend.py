@@ -533,6 +533,7 @@ seed: int = 0  # seed of the image samples and of the random-init model
 device: str = 'cpu'  # 'cpu', 'cuda', ...
 threads: int = 2  # CPU threads for torch
 smoke: bool = False  # tiny run for tests (written under runs/smoke/)
+report: str = ''  # folder under reports/ for this run; '' → fig6_watermark and fig7_lookalike (a named folder holds both as subfolders). A named folder is written whatever the parameters (unnamed, a non-default run goes to runs/reports/<artifact>-<digest>)
 commit_report: bool = False  # write into the committed reports/ folder even when the parameters differ from its meta.json (make reports and make study do)
 
 
@@ -553,7 +554,7 @@ torch.set_num_threads(threads)
 params = dict(n_images=n_images, n_pairs=n_pairs, n_show=n_show, mark_text=mark_text, strength=strength, iters=iters,
               big_model=big_model, big_size=big_size, n_big=n_big, model=model, checkpoint=checkpoint, seed=seed,
               device=device, threads=threads, smoke=smoke)
-rep6, rep7 = report_dir('fig6_watermark', smoke, params=params, commit=commit_report), report_dir('fig7_lookalike', smoke, params=params, commit=commit_report)
+rep6, rep7 = (report_dir(f'{report}/{a}' if report else a, smoke, params=params, commit=commit_report or bool(report)) for a in ('fig6_watermark', 'fig7_lookalike'))
 t0 = time.time()
 net = experiment_model(model, checkpoint, device, smoke=smoke)  # smoke runs on a clone without the weights: a stand-in
 Q = patch_embed_nullspace(net)  # (k, n), pixel space

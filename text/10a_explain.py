@@ -484,6 +484,7 @@ seed: int = 0  # seed of the source sample; targets come from seed + 1
 device: str = 'cpu'  # 'cpu', 'cuda', ...
 threads: int = 2  # CPU threads for torch
 smoke: bool = False  # tiny run for tests (written under runs/smoke/)
+report: str = ''  # folder under reports/ for this run; '' → fig8_10_saliency. A named folder is written whatever the parameters (unnamed, a non-default run goes to runs/reports/<artifact>-<digest>)
 commit_report: bool = False  # write into the committed reports/ folder even when the parameters differ from its meta.json (make reports and make study do)
 
 
@@ -502,7 +503,7 @@ torch.set_num_threads(threads)
 meths = [s.strip() for s in methods.split(',') if s.strip()]
 params = dict(n_pairs=n_pairs, n_show=n_show, methods=methods, ig_steps=ig_steps, top=top, blend_iters=blend_iters,
               model=model, checkpoint=checkpoint, seed=seed, device=device, smoke=smoke)
-rep = report_dir('fig8_10_saliency', smoke, params=params, commit=commit_report)
+rep = report_dir(report or 'fig8_10_saliency', smoke, params=params, commit=commit_report or bool(report))
 t0, c0 = time.time(), time.process_time()
 if smoke and model == 'default' and not checkpoint and not (repo_root() / DEFAULT_CHECKPOINT).exists():
     torch.manual_seed(seed); net = default_vit().to(device).eval()  # smoke runs on a clone without the weights

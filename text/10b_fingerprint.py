@@ -599,6 +599,7 @@ runs_root: str = ''  # cache folder; '' → runs/fingerprint (smoke: runs/smoke/
 device: str = 'cpu'  # 'cpu', 'cuda', ...
 threads: int = 2  # CPU threads for torch
 smoke: bool = False  # tiny run for tests (a few steps on a few images, written under runs/smoke/)
+report: str = ''  # folder under reports/ for this run; '' → fingerprint, or fingerprint/impostors with impostors=True. A named folder is written whatever the parameters (unnamed, a non-default run goes to runs/reports/<artifact>-<digest>)
 commit_report: bool = False  # write into the committed reports/ folder even when the parameters differ from its meta.json (make reports and make study do)
 
 
@@ -654,7 +655,7 @@ cache = Path(runs_root) if runs_root else root / ('runs/smoke/fingerprint' if sm
 cache.mkdir(parents=True, exist_ok=True)
 ft_root = str(root / 'runs/smoke/finetune') if smoke else ''  # '' → run_finetune's default runs/finetune
 imp_ft_root = str(cache / 'finetune') if smoke else ''  # the impostor finetunes: runs/finetune, shared with notebooks 05, 09, 11
-rep = report_dir('fingerprint/impostors' if impostors else 'fingerprint', smoke, params=params, commit=commit_report)
+rep = report_dir(report or ('fingerprint/impostors' if impostors else 'fingerprint'), smoke, params=params, commit=commit_report or bool(report))
 t0 = time.time()
 if smoke and not (root / DEFAULT_CHECKPOINT).exists(): owner = default_vit().eval()  # clone without weights (tests only)
 else: owner = load_default_model().to(device)

@@ -67,7 +67,7 @@ checkpoint: str = ''  # weights: '' (default model's), a local file, or 'hub'
 dataset: str = 'cifar10'  # 'cifar10' or an ImageFolder root with train/ and val/ (ImageNet)
 train_fraction: float = 1.0  # share of the training set
 mechanism_images: int = 512  # held-out test images each finetuned model's tolerated ε-noise is measured on
-report: str = 'reproduction/quick'  # artifact folder under reports/ (`make study` writes reports/reproduction)
+report: str = ''  # folder under reports/ for this run; '' → reproduction/quick (`make study` names reproduction). A named folder is written whatever the parameters (unnamed, a non-default run goes to runs/reports/<artifact>-<digest>)
 also: str = ''  # another model's study report (e.g. 'reproduction/vit-ti8'): drawn beside this one and named in the headline
 device: str = 'cpu'  # 'cpu', 'cuda', ...
 threads: int = 2  # CPU threads for torch
@@ -107,7 +107,7 @@ imagenet = dataset != 'cifar10'
 if imagenet: data = {'val': str(Path(dataset) / 'val'), 'num_workers': 0 if smoke else 8}
 params = dict(cells=cells, screen=screen, metrics=metrics, model=model, checkpoint=checkpoint, dataset=dataset,
               train_fraction=train_fraction, n=n, base_kw=base_kw, mechanism_images=mechanism_images, device=device, smoke=smoke, also=also)
-rep = report_dir(report, smoke, params=params, commit=commit_report)
+rep = report_dir(report or 'reproduction/quick', smoke, params=params, commit=commit_report or bool(report))
 t0 = time.time()
 cpu_runs = []  # (cell, arm, seed, run folder, training seconds this call spent: 0 when the run folder was reused)
 NOISE_KEYS = {k for k in asdict(FinetuneConfig()) if k.startswith('noise_')} | {'eps', 'refresh_every', 'lim', 'loss'}
@@ -157,7 +157,7 @@ if screen:  # one seed per cell, paired on the same images: where to look next, 
         res = {arm: score(train(f'screen {name}', ov, arm, s0)['model']) for arm in ('none', 'ns')}
         parts.append(paired_tests(res, 'none').assign(cell=name))
     screen_df = with_holm(pd.concat(parts, ignore_index=True))
-    rep_screen = report_dir('reproduction/screen', smoke, params=params, commit=commit_report)
+    rep_screen = report_dir(f'{report}/screen' if report else 'reproduction/screen', smoke, params=params, commit=commit_report or bool(report))
     save_table(paired_table(screen_df), rep_screen, 'screen_paired'); write_meta(rep_screen, params | dict(report='reproduction/screen'), t0, device)
     display(paired_table(screen_df))
 pd.DataFrame(cpu_runs)

@@ -56,6 +56,7 @@ gpu_models: list = ['vit_small_patch16_224', 'vit_base_patch16_224']  # timed on
 device: str = 'cpu'  # 'cpu' or 'cuda'
 threads: int = 2  # CPU threads for torch
 smoke: bool = False  # tiny run for tests (written under runs/smoke/)
+report: str = ''  # folder under reports/ for this run; '' → benchmarks, benchmarks/<device> or benchmarks/<model>. A named folder is written whatever the parameters (unnamed, a non-default run goes to runs/reports/<artifact>-<digest>)
 commit_report: bool = False  # write into the committed reports/ folder even when the parameters differ from its meta.json (make reports and make study do)
 
 
@@ -67,8 +68,8 @@ if model != 'default': semantics_check, suite_check = False, False  # the NS/pla
 torch.set_num_threads(threads)
 params = dict(model=model, steps=steps, batch_size=batch_size, repeats=repeats, semantics_check=semantics_check, suite_check=suite_check,
               loader_images=loader_images, workers=workers, device=device, threads=threads, smoke=smoke)
-rep = report_dir(('benchmarks' if device == 'cpu' else f'benchmarks/{device.split(":")[0]}') + ('' if model == 'default' else f'/{model}'), smoke,
-                 params=params, commit=commit_report)  # GPU runs and other models: their own folder
+rep = report_dir(report or ('benchmarks' if device == 'cpu' else f'benchmarks/{device.split(":")[0]}') + ('' if model == 'default' else f'/{model}'), smoke,
+                 params=params, commit=commit_report or bool(report))  # GPU runs and other models: their own folder
 t0 = time.time()
 base = experiment_model(model, '', device, smoke=smoke)
 data = train_data('cifar10', 1.0 if not smoke else 0.01, 0)
