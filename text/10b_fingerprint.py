@@ -614,6 +614,7 @@ from ns_vit.data import cifar10, load_images, augment, repo_root
 from ns_vit.models import (default_vit, load_default_model, save_checkpoint, load_checkpoint, model_card, DEFAULT_ARCH,
                            DEFAULT_ARCH_KWARGS, DEFAULT_CHECKPOINT)
 from ns_vit.pretrain import TrainConfig, train_classifier, cosine_lr
+from ns_vit.training import read_state, save_state
 from ns_vit.finetune import FinetuneConfig
 from ns_vit.experiments import run_finetune
 from ns_vit.models import weights_digest
@@ -755,24 +756,38 @@ def retrain_patch_embed(init_seed: int, state_path: Path | None = None) -> Pixel
     for p in m.parameters(): p.requires_grad_(True)
     return m
 
-def distill(init_seed: int, steps: int, batch_size: int = 128) -> PixelViT:
-    "A fresh default ViT trained on the owner's output probabilities (KL, T = 1) for `steps` augmented batches."
+@dataclass
+class DistillConfig:
+    "The settings of one distillation attack (what a resume state must have been saved under)."
+    init_seed: int; steps: int; batch_size: int; lr: float; seed: int; smoke: bool
+
+def distill(init_seed: int, steps: int, batch_size: int = 128, state_path: Path | None = None, every: int = 50) -> PixelViT:
+    "A fresh default ViT trained on the owner's output probabilities (KL, T = 1) for `steps` augmented batches; resumable from `state_path`."
+    cfg = DistillConfig(init_seed, steps, batch_size, attack_lr, seed, smoke)
     student, g = init_model(init_seed), torch.Generator().manual_seed(seed + 400)
     opt = torch.optim.AdamW(student.parameters(), lr=attack_lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, max(1, steps // 10)))
+    st, start = read_state(state_path, cfg) if state_path else None, 0  # the one resume mechanism (training.read_state)
+    if st is not None:
+        student.load_state_dict(st['model']); opt.load_state_dict(st['opt']); sched.load_state_dict(st['sched'])
+        g.set_state(st['gen']); torch.set_rng_state(st['rng']); start = st['step']
     owner.eval(); student.train()
-    for _ in tqdm(range(steps), desc='distil', disable=smoke):
+    for step in tqdm(range(start, steps), desc='distil', disable=smoke, initial=start, total=steps):
         x = augment(train_all.tensors(torch.randint(len(train_all), (batch_size,), generator=g))[0], generator=g).to(device)
         with torch.no_grad(): p = owner(x).softmax(1)  # (B, K) the only thing the attacker needs: query outputs
         loss = F.kl_div(F.log_softmax(student(x), 1), p, reduction='batchmean')
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
+        if state_path and ((step + 1) % every == 0 or step + 1 == steps):
+            save_state(state_path, dict(model=student.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
+                                        gen=g.get_state(), rng=torch.get_rng_state(), step=step + 1), cfg)
     return student.eval()
 
 retrain_recipe = dict(kind='retrain_pe', init_seed=1000, epochs=retrain_epochs, n_train=neg_train, lr=attack_lr, seed=seed, smoke=smoke)
 retrained = cached('attack-retrain-pe', retrain_recipe,
                    lambda: retrain_patch_embed(1000, cache_path('attack-retrain-pe', retrain_recipe, '.state.pt')))
-distilled = cached('attack-distill', dict(kind='distill', init_seed=2000, steps=distill_steps, lr=attack_lr, seed=seed,
-                   smoke=smoke), lambda: distill(2000, distill_steps))  # 300 steps in one go: not resumed
+distill_recipe = dict(kind='distill', init_seed=2000, steps=distill_steps, lr=attack_lr, seed=seed, smoke=smoke)
+distilled = cached('attack-distill', distill_recipe,  # resumable every 50 steps, as the other trained models are
+                   lambda: distill(2000, distill_steps, state_path=cache_path('attack-distill', distill_recipe, '.state.pt')))
 print(f'attacks trained, {time.time() - t0:.0f} s so far')
 
 # %% [markdown]
