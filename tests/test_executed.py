@@ -21,7 +21,7 @@ EXECUTED = ROOT / 'reports' / 'notebooks'
 STALE = {'03_nullspace.ipynb', '04a_fig3_approx_nullspace.ipynb', '04b_fig5_closure.ipynb', '05_finetune.ipynb',
          '06a_attacks.ipynb', '06b_corruptions.ipynb', '06d_damagenet.ipynb', '07_table3_robustness.ipynb',
          '08_table4_eps_ablation.ipynb', '09_table2_robustness.ipynb', '10_blend.ipynb', '10a_explain.ipynb',
-         '10b_fingerprint.ipynb', '11_reproduction.ipynb', '12_benchmarks.ipynb'}
+         '10b_fingerprint.ipynb', '12_benchmarks.ipynb'}
 
 
 @pytest.mark.parametrize('name', sorted(p.name for p in EXECUTED.glob('*.ipynb')))
