@@ -91,7 +91,10 @@ SCREEN ?= {}
 # on vit-ti8, once its weights are committed (make pretrain-ti8); the default model's study then draws both side by side.
 TI8_CELLS ?= {"default": {"overrides": {}, "arms": ["none", "gaussian", "ns"], "seeds": [0, 1, 2, 3, 4]}}
 
-study:  ## the reproduction study (issues 15, 25, 26; many hours on 1 CPU core; reuses every finished run) -> reports/reproduction
+# Every finished run is recorded in reports/ledger/ (its scores with every image's result, its noise logs, its mechanism
+# measurements; tens of kB a run): commit the ledger after each sitting (git add reports/ledger) and a new machine, whose
+# run folders are gone, rebuilds the study from it; a killed study loses at most the run in progress.
+study:  ## the reproduction study (issues 15, 25, 26; many hours on 1 CPU core; reuses finished runs and reports/ledger) -> reports/reproduction
 	mkdir -p runs/reports reports/notebooks
 	if [ -f data/vit_ti8.safetensors ]; then \
 	  OMP_NUM_THREADS=$(or $(STUDY_THREADS),2) PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/11_reproduction.ipynb \
@@ -127,9 +130,9 @@ pretrain:  ## retrain the embedded default model (data/default_vit.safetensors),
 	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/02_pretrain.ipynb runs/pretrain/02_pretrain.ipynb --cwd . -p commit_report True
 	$(MAKE) -s index
 
-pretrain-ti8:  ## pretrain the larger embedded model vit-ti8 (issue 26; hours on 1 CPU core; a rerun resumes) -> data/vit_ti8.safetensors
-	OMP_NUM_THREADS=1 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill --no-progress-bar nbs/02_pretrain.ipynb runs/pretrain/02_pretrain_vit-ti8.ipynb \
-	  --cwd . -p model vit-ti8 -p lr 1e-3 -p threads 1 -p commit_report True
+pretrain-ti8:  ## pretrain the larger embedded model vit-ti8 (issue 26; 30 epochs, about 2 hours on 2 CPU cores; a rerun resumes) -> data/vit_ti8.safetensors
+	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill --no-progress-bar nbs/02_pretrain.ipynb runs/pretrain/02_pretrain_vit-ti8.ipynb \
+	  --cwd . -p model vit-ti8 -p lr 1e-3 -p epochs 30 -p threads 2 -p commit_report True
 	$(MAKE) -s index
 
 # The fingerprint against its realistic impostors (issue 27), beside `make reports` (whose run of notebook 10b, at its

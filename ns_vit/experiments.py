@@ -18,10 +18,12 @@ from .models import PixelViT, accuracy, get_model, save_checkpoint, load_checkpo
 from .attacks import adversarial_accuracy
 from .finetune import FinetuneConfig, METHODS, NOISE_SOURCES, finetune
 from .evaluate import CliHelp, evaluate_models
+from .cache import save_entry, load_entry
 
 
 # %% auto #0
-__all__ = ['HELDOUT_SEED', 'CHOICES', 'RUN_OPTIONS', 'FINETUNE_EXAMPLE', 'train_data', 'run_name', 'run_finetune', 'check_state',
+__all__ = ['HELDOUT_SEED', 'RECORD_FORMAT', 'CHOICES', 'RUN_OPTIONS', 'FINETUNE_EXAMPLE', 'train_data', 'run_name', 'run_folder',
+           'run_finished', 'run_finetune', 'check_state', 'record_path', 'save_run_record', 'load_run_record',
            'option_help', 'cli_parser', 'finetune_command', 'main', 'compare_methods', 'sweep_choice']
 
 # %% ../nbs/05a_experiments.ipynb #e4960889
@@ -45,6 +47,15 @@ def run_name(cfg: FinetuneConfig, base_id: str) -> str:
 
 
 # %% ../nbs/05a_experiments.ipynb #bc3483f1
+def run_folder(cfg: FinetuneConfig, base_id: str, dataset: str = 'cifar10', runs_root: str = '') -> Path:
+    "The run folder `run_finetune` uses for `cfg` on the base weights `base_id` (`weights_digest`) without `out`."
+    cfg = replace(cfg, augment=cfg.augment and dataset == 'cifar10')  # as run_finetune trains it
+    return (Path(runs_root) if runs_root else repo_root() / 'runs' / 'finetune') / run_name(cfg, base_id)
+
+def run_finished(run_dir: str | Path) -> bool:
+    "Whether a run folder holds a finished run (its weights and metrics.json), which `run_finetune` reuses."
+    return (Path(run_dir) / 'model.safetensors').exists() and (Path(run_dir) / 'metrics.json').exists()
+
 def run_finetune(cfg: FinetuneConfig, *,
                  model: str = 'default',  # 'default' (embedded CIFAR-10 ViT) or a timm ViT name
                  checkpoint: str = '',  # weights: '' (the model's own), a finetune run folder, a .safetensors or plain state dict (.pth) of --model, or 'hub'
@@ -67,12 +78,12 @@ def run_finetune(cfg: FinetuneConfig, *,
     data = train_data(dataset, train_fraction, cfg.seed, **size)
     if len(data) < cfg.batch_size: raise ValueError(f'{len(data)} training images, fewer than one batch of {cfg.batch_size}')
     base_id = weights_digest(base)
-    run_dir = Path(out) if out else (Path(runs_root) if runs_root else repo_root() / 'runs' / 'finetune') / run_name(cfg, base_id)
+    run_dir = Path(out) if out else run_folder(cfg, base_id, dataset, runs_root)
     claim_run_dir(run_dir, dict(config=asdict(cfg), base=base_id, model=model, checkpoint=checkpoint,
                                 dataset=dataset, train_fraction=train_fraction))
     with run_lock(run_dir):  # another process training this run: wait for it, then reuse its result
         clean_tmp(run_dir)  # temp files of a killed run
-        if (run_dir / 'model.safetensors').exists() and (run_dir / 'metrics.json').exists():
+        if run_finished(run_dir):
             return dict(model=load_checkpoint(run_dir / 'model.safetensors', device)[0], base=base, run_dir=run_dir,
                         logs=json.loads((run_dir / 'metrics.json').read_text())['logs'], cached=True, done=True)
         check_state(run_dir, cfg)
@@ -99,6 +110,29 @@ def _card(m: PixelViT, model: str, checkpoint: str, dataset: str, cfg: FinetuneC
     return dict(base_card(model, checkpoint), finetune=asdict(cfg), base_model=model, base_checkpoint=checkpoint, dataset=dataset,
                 train_fraction=train_fraction, mean=m.mean.flatten().tolist(), std=m.std.flatten().tolist())
 
+
+# %% ../nbs/05a_experiments.ipynb #a87ef46f
+RECORD_FORMAT = 1  # bump when a record's content changes: records of another format are never served
+
+def record_path(ledger: str | Path, run: str) -> Path:
+    "The record of run folder name `run` in the ledger folder `ledger`."
+    return Path(ledger) / f'{run}.pt'
+
+def save_run_record(ledger: str | Path,  # folder of run records, e.g. reports/ledger
+                    run: str,  # the run folder's name (`run_name`: method, ε, config digest, base weights)
+                    scores,  # the table `evaluate` returned for the run's model (its `attrs['entries']` are recorded)
+                    logs: list,  # the run's logs (metrics.json's `logs`)
+                    extra: dict | None = None,  # further measurements, e.g. {'tolerated': {key: {...}}}
+                    ) -> Path:
+    "Write the record of a finished, scored run atomically (one file, with its sha256)."
+    entries = getattr(scores, 'attrs', {}).get('entries')
+    if not entries: raise ValueError('scores holds no recorded results: pass the table evaluate() returned')
+    return save_entry(dict(run=run, logs=logs, entries=dict(entries), extra=extra or {}), record_path(ledger, run),
+                      meta=dict(format=RECORD_FORMAT, run=run))
+
+def load_run_record(ledger: str | Path, run: str, quiet: bool = False) -> dict | None:
+    "The record of `run`; None if there is none, or (with a warning unless `quiet`) if it is damaged or of another format."
+    return load_entry(record_path(ledger, run), meta=dict(format=RECORD_FORMAT, run=run), quiet=quiet)
 
 # %% ../nbs/05a_experiments.ipynb #b7dc8537
 def _bool(s: str) -> bool:
