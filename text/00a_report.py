@@ -344,7 +344,7 @@ RUNS: tuple[Run, ...] = (
         'out': 'runs/gpu-check/ns'}, executed='runs/reports/05_finetune_cuda.ipynb'),
     # make pretrain, make pretrain-ti8: the embedded models
     Run('02_pretrain', 'pretrain', ('pretrain',), executed='runs/pretrain/02_pretrain.ipynb'),
-    Run('02_pretrain', 'pretrain-ti8', ('pretrain/vit-ti8',), {'model': 'vit-ti8', 'lr': '1e-3', 'threads': '1'},
+    Run('02_pretrain', 'pretrain-ti8', ('pretrain/vit-ti8',), {'model': 'vit-ti8', 'lr': '1e-3', 'epochs': '30', 'threads': '2'},
         executed='runs/pretrain/02_pretrain_vit-ti8.ipynb'),
 )
 OTHER_FILES = {'benchmarks/make_reports_minutes.md': 'reports'}  # report files that a target writes beside a notebook's (write_minutes)

@@ -587,12 +587,14 @@ _a = accuracy(d0, torch.rand(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)); a
 # %%
 #| export
 def get_model(model: str = 'default', checkpoint: str = '', device: str | torch.device = 'cpu', **kw) -> PixelViT:
-    "An embedded model by name (`'default'`, `'vit-ti8'`) or a timm ViT, with its own weights or `checkpoint`'s (a file, a run folder, 'hub')."
+    "An embedded model by name (`'default'`, `'vit-ti8'`) or a timm ViT, with its own weights or `checkpoint`'s (a file, a run folder, 'hub'); a timm ViT without weights is a random init, the same at every call (seed 0), so runs from it share one base."
     if checkpoint == 'hub' and model in EMBEDDED_MODELS:
         raise ValueError(f"checkpoint 'hub' means timm's weights of a timm model name; the embedded model {model!r} has none: "
                          'pass its weights file, or nothing for its own')
     path = checkpoint_file(checkpoint) if checkpoint and checkpoint != 'hub' else None
-    if model not in EMBEDDED_MODELS: m = create_vit(model, pretrained=path or checkpoint == 'hub', **kw)
+    if model not in EMBEDDED_MODELS:
+        with torch.random.fork_rng(devices=[]):  # the caller's random state untouched
+            torch.manual_seed(0); m = create_vit(model, pretrained=path or checkpoint == 'hub', **kw)
     elif path is None: m = load_embedded_model(model)
     else: m = load_checkpoint(path)[0] if checkpoint_card(path) is not None else load_plain_checkpoint(model, path)
     return m.to(device).eval()

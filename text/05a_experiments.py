@@ -29,6 +29,7 @@ from ns_vit.models import PixelViT, accuracy, get_model, save_checkpoint, load_c
 from ns_vit.attacks import adversarial_accuracy
 from ns_vit.finetune import FinetuneConfig, METHODS, NOISE_SOURCES, finetune
 from ns_vit.evaluate import CliHelp, evaluate_models
+from ns_vit.cache import save_entry, load_entry
 
 
 # %%
@@ -75,6 +76,15 @@ assert run_name(FinetuneConfig(), 'abc') != run_name(noise_variant('fixed'), 'ab
 
 # %%
 #| export
+def run_folder(cfg: FinetuneConfig, base_id: str, dataset: str = 'cifar10', runs_root: str = '') -> Path:
+    "The run folder `run_finetune` uses for `cfg` on the base weights `base_id` (`weights_digest`) without `out`."
+    cfg = replace(cfg, augment=cfg.augment and dataset == 'cifar10')  # as run_finetune trains it
+    return (Path(runs_root) if runs_root else repo_root() / 'runs' / 'finetune') / run_name(cfg, base_id)
+
+def run_finished(run_dir: str | Path) -> bool:
+    "Whether a run folder holds a finished run (its weights and metrics.json), which `run_finetune` reuses."
+    return (Path(run_dir) / 'model.safetensors').exists() and (Path(run_dir) / 'metrics.json').exists()
+
 def run_finetune(cfg: FinetuneConfig, *,
                  model: str = 'default',  # 'default' (embedded CIFAR-10 ViT) or a timm ViT name
                  checkpoint: str = '',  # weights: '' (the model's own), a finetune run folder, a .safetensors or plain state dict (.pth) of --model, or 'hub'
@@ -97,12 +107,12 @@ def run_finetune(cfg: FinetuneConfig, *,
     data = train_data(dataset, train_fraction, cfg.seed, **size)
     if len(data) < cfg.batch_size: raise ValueError(f'{len(data)} training images, fewer than one batch of {cfg.batch_size}')
     base_id = weights_digest(base)
-    run_dir = Path(out) if out else (Path(runs_root) if runs_root else repo_root() / 'runs' / 'finetune') / run_name(cfg, base_id)
+    run_dir = Path(out) if out else run_folder(cfg, base_id, dataset, runs_root)
     claim_run_dir(run_dir, dict(config=asdict(cfg), base=base_id, model=model, checkpoint=checkpoint,
                                 dataset=dataset, train_fraction=train_fraction))
     with run_lock(run_dir):  # another process training this run: wait for it, then reuse its result
         clean_tmp(run_dir)  # temp files of a killed run
-        if (run_dir / 'model.safetensors').exists() and (run_dir / 'metrics.json').exists():
+        if run_finished(run_dir):
             return dict(model=load_checkpoint(run_dir / 'model.safetensors', device)[0], base=base, run_dir=run_dir,
                         logs=json.loads((run_dir / 'metrics.json').read_text())['logs'], cached=True, done=True)
         check_state(run_dir, cfg)
@@ -143,6 +153,64 @@ test_fail(lambda: run_finetune(FinetuneConfig(), train_fraction=0), contains='tr
 _cfg = FinetuneConfig()
 test_fail(lambda: run_finetune(_cfg, dataset='/nonexistent/imagenet'), contains='does not exist')
 test_eq(_cfg.augment, True)  # the caller's config is never changed
+
+
+# %% [markdown]
+# ## Run records: results that outlive their run folders
+# A run folder holds the finetuned weights; a *run record* holds what a study reads from a run once it has been scored:
+# every metric's per-image results with the key they were scored under (weights digest, scoring version, images,
+# attack code), the run's noise logs, and measurements added later (the mechanism). Records are small (tens of kB), so
+# the study commits them (`reports/ledger/`): a new machine, whose run folders are gone, rebuilds the study's tables
+# from them without retraining, and a record whose key differs from today's scoring (other images, other attack code,
+# another scoring version) is stale and the run is retrained, never served. A damaged record is reported and ignored.
+
+# %%
+#| export
+RECORD_FORMAT = 1  # bump when a record's content changes: records of another format are never served
+
+def record_path(ledger: str | Path, run: str) -> Path:
+    "The record of run folder name `run` in the ledger folder `ledger`."
+    return Path(ledger) / f'{run}.pt'
+
+def save_run_record(ledger: str | Path,  # folder of run records, e.g. reports/ledger
+                    run: str,  # the run folder's name (`run_name`: method, ε, config digest, base weights)
+                    scores,  # the table `evaluate` returned for the run's model (its `attrs['entries']` are recorded)
+                    logs: list,  # the run's logs (metrics.json's `logs`)
+                    extra: dict | None = None,  # further measurements, e.g. {'tolerated': {key: {...}}}
+                    ) -> Path:
+    "Write the record of a finished, scored run atomically (one file, with its sha256)."
+    entries = getattr(scores, 'attrs', {}).get('entries')
+    if not entries: raise ValueError('scores holds no recorded results: pass the table evaluate() returned')
+    return save_entry(dict(run=run, logs=logs, entries=dict(entries), extra=extra or {}), record_path(ledger, run),
+                      meta=dict(format=RECORD_FORMAT, run=run))
+
+def load_run_record(ledger: str | Path, run: str, quiet: bool = False) -> dict | None:
+    "The record of `run`; None if there is none, or (with a warning unless `quiet`) if it is damaged or of another format."
+    return load_entry(record_path(ledger, run), meta=dict(format=RECORD_FORMAT, run=run), quiet=quiet)
+
+
+# %%
+import tempfile, warnings
+import pandas as pd
+from ns_vit.evaluate import evaluate, evaluate_recorded
+from ns_vit.models import create_vit
+_m = create_vit('vit_tiny_patch16_224', img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=10)
+_s = evaluate(_m, ['clean'], n=20, quiet=True, cache=False)
+with tempfile.TemporaryDirectory() as d:
+    test_fail(lambda: save_run_record(d, 'r', pd.DataFrame(), []), contains='no recorded results')
+    p = save_run_record(d, 'none-eps0.03-abc-def', _s, [{'step': 1}], extra={'tolerated': {'k': {'norm_at_eps': 1.5}}})
+    rec = load_run_record(d, 'none-eps0.03-abc-def')
+    test_eq(rec['logs'], [{'step': 1}]); test_eq(rec['extra']['tolerated']['k']['norm_at_eps'], 1.5)
+    again = evaluate_recorded(rec['entries'], ['clean'], n=20)  # the table, rebuilt without the model
+    test_eq(again[['metric', 'value', 'n']].to_dict('records'), _s[['metric', 'value', 'n']].to_dict('records'))
+    assert torch.equal(again.attrs['correct']['clean'], _s.attrs['correct']['clean'])
+    test_eq(evaluate_recorded(rec['entries'], ['clean'], n=10), None)  # other images: stale, never served
+    test_eq(evaluate_recorded(rec['entries'], ['clean', 'fgsm_small'], n=20), None)  # a metric it lacks
+    test_eq(load_run_record(d, 'other-run'), None)  # no record
+    p.write_bytes(p.read_bytes()[:-10])  # truncated: reported, not served
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always'); test_eq(load_run_record(d, 'none-eps0.03-abc-def'), None)
+    assert any('truncated' in str(x.message) for x in w)
 
 
 # %% [markdown]

@@ -288,34 +288,71 @@ def evaluate(model: nn.Module, suite: str | list[str] = 'cifar10', n: int | dict
     metrics, data = suite_metrics(suite), check_request(suite, n, data)
     for s in CIFAR10_SHIFTS:  # shifted CIFAR-10 test sets join the CIFAR suite when the user has them
         if s in data: metrics[s] = Metric('shift', None, {'shift': s}, SHIFTS[s].loader.__name__, needs=s)
-    digest, rows, correct, cells = model_digest(model), [], PerImage(), PerImage()
+    digest, out = model_digest(model), _Scores()
     with eval_mode(model):  # the caller's mode comes back on exit, also after an error
         for name, m in (bar := tqdm(metrics.items(), desc='evaluate', disable=quiet)):
             bar.set_postfix_str(name)
-            k = n.get(name, m.n) if isinstance(n, dict) else (min(n, m.n) if n and m.n else n or m.n)
-            if m.needs and m.needs not in data:
-                rows.append(dict(metric=name, label=m.label or name, value=float('nan'), n=0, ci_low=float('nan'),
-                                 ci_high=float('nan'), settings=json.dumps(m.settings), note=f'no data: pass data={{{m.needs!r}: <folder>}}'))
-                continue
+            k = _size(n, name, m)
+            if m.needs and m.needs not in data: out.missing(name, m); continue
             t0 = time.time()
             data_digest, inputs = _inputs(name, m, k, data, seed, quiet, loader_size(model)['crop_pct'])
-            meta = dict(version=EVAL_VERSION, model=digest, metric=name, kind=m.kind, settings=m.settings, n=k, seed=seed,
-                        data=data_digest, code=file_digest(ns_vit.attacks.__file__)[:16] if m.kind == 'attack' else '')
+            meta = metric_meta(digest, name, m, k, data_digest, seed)
             score = lambda: _score(model, name, m, k, data, seed, batch_size, quiet, inputs)
             r, hit = _eval_cached(meta, score) if cache else (score(), False)
-            c = r['correct']
-            ci = accuracy_ci(c) if c.dtype == torch.bool else mean_ci(c.float().numpy())
-            ci['ci_low'], ci['ci_high'] = max(0.0, ci['ci_low']), min(1.0, ci['ci_high'])  # a t-interval can leave [0, 1]
-            extras = {q: v for q, v in r.items() if isinstance(v, (int, float, str)) and
-                      q not in ('label', 'settings', 'n', 'accuracy', 'adv_accuracy', 'value')}
-            rows.append(dict(metric=name, label=r.get('label') or m.label or name, value=ci['value'], n=ci['n'],
-                             ci_low=ci['ci_low'], ci_high=ci['ci_high'], settings=json.dumps(r.get('settings', m.settings), default=str),
-                             seconds=round(time.time() - t0, 1), cached=hit, **extras))
-            correct[name] = c
-            if 'cells_correct' in r: cells[name] = r['cells_correct']  # (cells, n) bool: paired tests per cell
-    df = pd.DataFrame(rows)
-    df.attrs['correct'], df.attrs['cells_correct'] = correct, cells
-    return df
+            out.add(name, m, meta, r, hit, time.time() - t0)
+    return out.table()
+
+def _size(n: int | dict | None, name: str, m: Metric) -> int | None:
+    "The number of images metric `name` is scored on under `evaluate`'s `n`."
+    return n.get(name, m.n) if isinstance(n, dict) else (min(n, m.n) if n and m.n else n or m.n)
+
+def metric_meta(digest: str, name: str, m: Metric, k: int | None, data_digest: str, seed: int) -> dict:
+    "The key of one metric's result (evaluation cache, run records): weights, scoring version, settings, images and attack code."
+    return dict(version=EVAL_VERSION, model=digest, metric=name, kind=m.kind, settings=m.settings, n=k, seed=seed,
+                data=data_digest, code=file_digest(ns_vit.attacks.__file__)[:16] if m.kind == 'attack' else '')
+
+class _Scores:
+    "The rows and per-image results `evaluate` builds, one metric at a time (also from recorded results)."
+    def __init__(self): self.rows, self.correct, self.cells, self.entries = [], PerImage(), PerImage(), PerImage()
+    def missing(self, name: str, m: Metric) -> None:
+        self.rows.append(dict(metric=name, label=m.label or name, value=float('nan'), n=0, ci_low=float('nan'),
+                              ci_high=float('nan'), settings=json.dumps(m.settings), note=f'no data: pass data={{{m.needs!r}: <folder>}}'))
+    def add(self, name: str, m: Metric, meta: dict, r: dict, hit: bool, seconds: float) -> None:
+        c = r['correct']
+        ci = accuracy_ci(c) if c.dtype == torch.bool else mean_ci(c.float().numpy())
+        ci['ci_low'], ci['ci_high'] = max(0.0, ci['ci_low']), min(1.0, ci['ci_high'])  # a t-interval can leave [0, 1]
+        extras = {q: v for q, v in r.items() if isinstance(v, (int, float, str)) and
+                  q not in ('label', 'settings', 'n', 'accuracy', 'adv_accuracy', 'value')}
+        self.rows.append(dict(metric=name, label=r.get('label') or m.label or name, value=ci['value'], n=ci['n'],
+                              ci_low=ci['ci_low'], ci_high=ci['ci_high'], settings=json.dumps(r.get('settings', m.settings), default=str),
+                              seconds=round(seconds, 1), cached=hit, **extras))
+        self.correct[name], self.entries[name] = c, (meta, r)
+        if 'cells_correct' in r: self.cells[name] = r['cells_correct']  # (cells, n) bool: paired tests per cell
+    def table(self) -> pd.DataFrame:
+        df = pd.DataFrame(self.rows)
+        df.attrs['correct'], df.attrs['cells_correct'], df.attrs['entries'] = self.correct, self.cells, self.entries
+        return df
+
+def evaluate_recorded(entries: dict,  # {metric: (meta, result)} as in `evaluate(...).attrs['entries']`, e.g. from a run record
+                      suite: str | list[str] = 'cifar10', n: int | dict | None = None, data: dict | None = None, seed: int = 0,
+                      crop_pct: float = 0.875,  # the model's crop (`loader_size(model)['crop_pct']`)
+                      quiet: bool = True) -> pd.DataFrame | None:
+    "`evaluate`'s table rebuilt from recorded results without the model, or None when any metric's key differs from today's (stale)."
+    metrics, data = suite_metrics(suite), check_request(suite, n, data)
+    for s in CIFAR10_SHIFTS:
+        if s in data: metrics[s] = Metric('shift', None, {'shift': s}, SHIFTS[s].loader.__name__, needs=s)
+    digests = {meta.get('model') for meta, _ in entries.values()}
+    if len(digests) != 1: return None
+    digest, out = digests.pop(), _Scores()
+    for name, m in metrics.items():
+        k = _size(n, name, m)
+        if m.needs and m.needs not in data: out.missing(name, m); continue
+        if name not in entries: return None
+        meta, r = entries[name]
+        if json.loads(json.dumps(meta, default=str)) != json.loads(json.dumps(metric_meta(digest, name, m, k, _inputs(name, m, k, data, seed, quiet, crop_pct)[0], seed), default=str)):
+            return None
+        out.add(name, m, meta, r, True, 0.0)
+    return out.table()
 
 
 # %% [markdown]

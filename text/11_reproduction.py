@@ -48,7 +48,10 @@ import numpy as np, pandas as pd, torch, matplotlib.pyplot as plt
 from ns_vit.data import load_images, repo_root, image_folder
 from ns_vit.models import get_model, loader_size
 from ns_vit.finetune import FinetuneConfig, noise_variant, rounds_table, heldout_summary, synthesize_round, heldout_influence
-from ns_vit.experiments import run_finetune, train_data, HELDOUT_SEED
+from ns_vit.experiments import run_finetune, train_data, HELDOUT_SEED, run_folder, run_finished, save_run_record, load_run_record
+from ns_vit.models import weights_digest
+from ns_vit.cache import content_digest
+from ns_vit.evaluate import evaluate_recorded
 from ns_vit.evaluate import evaluate
 from ns_vit.stats import seeds_images_diff, with_holm, paired_table, significance_sentence, mean_ci, mcnemar, accuracy_ci
 from ns_vit.report import report_dir, write_meta, save_table, save_figure, in_test, param
@@ -71,6 +74,7 @@ report: str = ''  # folder under reports/ for this run; '' → reproduction/quic
 also: str = ''  # another model's study report (e.g. 'reproduction/vit-ti8'): drawn beside this one and named in the headline
 device: str = 'cpu'  # 'cpu', 'cuda', ...
 threads: int = 2  # CPU threads for torch
+ledger: str = 'reports/ledger'  # folder of run records (scores, logs, mechanism of every finished run; committed): a run whose folder is gone is rebuilt from its record
 smoke: bool = False  # tiny run for tests (written under runs/smoke/)
 commit_report: bool = False  # write into the committed reports/ folder even when the parameters differ from its meta.json (make reports and make study do)
 
@@ -109,7 +113,10 @@ params = dict(cells=cells, screen=screen, metrics=metrics, model=model, checkpoi
               train_fraction=train_fraction, n=n, base_kw=base_kw, mechanism_images=mechanism_images, device=device, smoke=smoke, also=also)
 rep = report_dir(report or 'reproduction/quick', smoke, params=params, commit=commit_report or bool(report))
 t0 = time.time()
-cpu_runs = []  # (cell, arm, seed, run folder, training seconds this call spent: 0 when the run folder was reused)
+cpu_runs = []  # (cell, arm, seed, run folder, training seconds this call spent: 0 when the run folder or its record was reused)
+ledger_dir = repo_root() / ('runs/smoke/ledger' if smoke else ledger)
+if smoke: shutil.rmtree(ledger_dir, ignore_errors=True)
+base0 = get_model(model, checkpoint, device); base_id, crop = weights_digest(base0), loader_size(base0)['crop_pct']
 NOISE_KEYS = {k for k in asdict(FinetuneConfig()) if k.startswith('noise_')} | {'eps', 'refresh_every', 'lim', 'loss'}
 
 def arm_cfg(overrides: dict, arm: str, seed: int) -> FinetuneConfig:
@@ -117,26 +124,50 @@ def arm_cfg(overrides: dict, arm: str, seed: int) -> FinetuneConfig:
     kw = {**base_kw, **{k: v for k, v in overrides.items() if not (arm == 'none' and k in NOISE_KEYS)}, 'seed': seed}
     return noise_variant('fixed', method='ns', **kw) if arm == 'ns-fixed' else noise_variant('stream', method=arm, **kw)
 
+def finetune_run(cfg: FinetuneConfig) -> dict:
+    "Finetune one run into its folder (or reuse the finished folder)."
+    return run_finetune(cfg, model=model, checkpoint=checkpoint, dataset=dataset, train_fraction=train_fraction,
+                        eval_size=0, eval_every=0, heldout_size=mechanism_images, device=device, runs_root=runs_root)
+
 def train(cell: str, overrides: dict, arm: str, seed: int) -> dict:
-    "Finetune (or reuse) one run; record its cost."
-    t = time.time()
-    r = run_finetune(arm_cfg(overrides, arm, seed), model=model, checkpoint=checkpoint, dataset=dataset, train_fraction=train_fraction,
-                     eval_size=0, eval_every=0, heldout_size=mechanism_images, device=device, runs_root=runs_root)
-    wall = json.loads((r['run_dir'] / 'metrics.json').read_text()).get('wall_time_s', float('nan')) if (r['run_dir'] / 'metrics.json').exists() else float('nan')
+    "One run: its finished folder, else its record when that matches today's scoring (no weights then), else trained; its cost noted."
+    t, cfg = time.time(), arm_cfg(overrides, arm, seed)
+    rd = run_folder(cfg, base_id, dataset, runs_root)
+    rec = None if run_finished(rd) else load_run_record(ledger_dir, rd.name)
+    res = evaluate_recorded(rec['entries'], metrics, n, data, seed=0, crop_pct=crop) if rec else None
+    if rec and res is None: print(f'{rd.name}: its record was scored under other settings or code (stale): retraining', flush=True)
+    if res is not None:
+        r = dict(model=None, base=base0, run_dir=rd, logs=rec['logs'], cached='record', scores=res, extra=dict(rec['extra']))
+    else:
+        r = finetune_run(cfg)
+        metrics_json = r['run_dir'] / 'metrics.json'
+        r['extra'] = dict(wall_time_s=json.loads(metrics_json.read_text()).get('wall_time_s', float('nan')) if metrics_json.exists() else float('nan'))
+    r['cfg'] = cfg
     cpu_runs.append(dict(cell=cell, arm=arm, seed=seed, run=r['run_dir'].name, reused=r['cached'],
-                         seconds=0.0 if r['cached'] else time.time() - t, wall_time_s=wall))
+                         seconds=0.0 if r['cached'] else time.time() - t, wall_time_s=r['extra'].get('wall_time_s', float('nan'))))
     return r
 
-def score(m: torch.nn.Module) -> pd.DataFrame:
-    "The evaluation columns for one model (cached by its weights, with every image's result)."
-    return evaluate(m, metrics, n, data, seed=0, quiet=True)
+def record(r: dict) -> None:
+    "Write a run's record (its scores, logs and measurements) into the ledger; a ledger that cannot be written costs the record only."
+    try: save_run_record(ledger_dir, r['run_dir'].name, r['scores'], r['logs'], r['extra'])
+    except OSError as e: print(f'warning: run record not written ({e}); the results are used but not kept', flush=True)
+
+def score(r: dict | torch.nn.Module) -> pd.DataFrame:
+    "The evaluation columns of a run (from its record, else scored and recorded) or of a model (cached by its weights); every image's result kept."
+    if isinstance(r, torch.nn.Module): return evaluate(r, metrics, n, data, seed=0, quiet=True)
+    if r.get('scores') is None:
+        r['scores'] = evaluate(r['model'], metrics, n, data, seed=0, quiet=True); record(r)
+    return r['scores']
 
 
 
 # %% [markdown]
 # ## Training and scores
 # Every (cell, arm, seed) run is finetuned once into its run folder (reused afterwards, also by notebooks 05, 07–09)
-# and scored; `make study`'s screen, when given, adds one seed of `none` and `ns` per screen cell.
+# and scored; `make study`'s screen, when given, adds one seed of `none` and `ns` per screen cell. Each scored run is
+# recorded in the ledger (`reports/ledger/`, `save_run_record`: every image's result with the key it was scored under, the
+# noise logs, the mechanism measurement), which is committed: a run whose folder is gone (a new machine) is rebuilt from
+# its record without retraining when the record matches today's scoring, and retrained when it does not (stale).
 #
 
 # %%
@@ -146,7 +177,7 @@ for cell, c in cells.items():
     for seed in c['seeds']:
         for arm in c['arms']:
             runs[(cell, arm, seed)] = r = train(cell, c.get('overrides', {}), arm, seed)
-            results[(cell, arm, seed)] = score(r['model'])
+            results[(cell, arm, seed)] = score(r)
 cell0 = next(iter(cells))
 base_model = runs[(cell0, cells[cell0]['arms'][0], cells[cell0]['seeds'][0])]['base']
 base_res = score(base_model)
@@ -154,7 +185,7 @@ if screen:  # one seed per cell, paired on the same images: where to look next, 
     from ns_vit.evaluate import paired_tests
     s0, parts = cells[cell0]['seeds'][0], []
     for name, ov in screen.items():
-        res = {arm: score(train(f'screen {name}', ov, arm, s0)['model']) for arm in ('none', 'ns')}
+        res = {arm: score(train(f'screen {name}', ov, arm, s0)) for arm in ('none', 'ns')}
         parts.append(paired_tests(res, 'none').assign(cell=name))
     screen_df = with_holm(pd.concat(parts, ignore_index=True))
     rep_screen = report_dir(f'{report}/screen' if report else 'reproduction/screen', smoke, params=params, commit=commit_report or bool(report))
@@ -162,6 +193,15 @@ if screen:  # one seed per cell, paired on the same images: where to look next, 
     display(paired_table(screen_df))
 pd.DataFrame(cpu_runs)
 
+
+# %%
+#| notest
+if smoke:  # a run whose folder is gone comes back from its record: the same per-image results, no training
+    k = (cell0, 'ns', cells[cell0]['seeds'][0]); shutil.rmtree(runs[k]['run_dir'])
+    again = train(k[0], cells[cell0].get('overrides', {}), *k[1:])
+    assert again['cached'] == 'record' and again['model'] is None, f"expected {again['run_dir'].name} served from its record"
+    assert all(torch.equal(again['scores'].attrs['correct'][m], results[k].attrs['correct'][m]) for m in metrics)
+    runs[k] = again  # the mechanism below retrains it, since its record holds no tolerated-noise measurement yet
 
 # %% [markdown]
 # ## Arms and paired differences
@@ -364,8 +404,19 @@ def tolerated(m: torch.nn.Module) -> dict:
     return dict(norm=info['norm'], descent_steps=info['steps'], norm_at_eps=norm_at_influence(m, xm, d, probe_eps),
                 **heldout_influence(m, xm, d, torch.Generator().manual_seed(0)))
 
+TOLERATED_KEY = content_digest(json.dumps(asdict(probe), sort_keys=True, default=str), mechanism_images, HELDOUT_SEED, dataset, train_fraction)
+
+def tolerated_run(r: dict) -> dict:
+    "`tolerated` of a run's model: from its record when measured with the same probe and images, else measured (a run served from its record is retrained first) and recorded."
+    have = r['extra'].setdefault('tolerated', {})
+    if TOLERATED_KEY not in have:
+        if r['model'] is None: r['model'] = finetune_run(r['cfg'])['model']
+        have[TOLERATED_KEY] = {k: (v.item() if hasattr(v, 'item') else v) for k, v in tolerated(r['model']).items()}
+        record(r)
+    return have[TOLERATED_KEY]
+
 after = pd.DataFrame([dict(cell=cell0, arm='base', seed=-1, **tolerated(base_model))] +
-                     [dict(cell=cell0, arm=arm, seed=s, **tolerated(runs[(cell0, arm, s)]['model']))
+                     [dict(cell=cell0, arm=arm, seed=s, **tolerated_run(runs[(cell0, arm, s)]))
                       for arm in cells[cell0]['arms'] for s in cells[cell0]['seeds']])
 agg = lambda d, cols: d.groupby(['cell', 'arm'], sort=False).agg(**{k: (k, 'mean') for k in cols}, seeds=('seed', 'size')).reset_index()
 during_summary = agg(during, ['within_eps', 'within_1_5eps', 'rounds', 'median_heldout_mse_prob', 'median_ratio_to_eps',

@@ -178,6 +178,7 @@ Markdown(api_table({
 # ns-vit-evaluate --checkpoint runs/finetune/<run>/model.safetensors --suite cifar10 --out runs/eval/ns
 # make reports                                            # every figure and table at default parameters (not the study)
 # make study                                              # the reproduction study, 5 seeds per arm (hours on 2 CPU cores) -> reports/reproduction
+# git add reports/ledger                                  # the study's run records: a new machine rebuilds the study from them
 # make docs                                               # the site in _site/, from the executed notebooks in reports/notebooks/
 # make bench                                              # timings into reports/benchmarks/
 # ```
