@@ -130,9 +130,12 @@ pretrain:  ## retrain the embedded default model (data/default_vit.safetensors),
 	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/02_pretrain.ipynb runs/pretrain/02_pretrain.ipynb --cwd . -p commit_report True
 	$(MAKE) -s index
 
-pretrain-ti8:  ## pretrain the larger embedded model vit-ti8 (issue 26; 30 epochs, about 2 hours on 2 CPU cores; a rerun resumes) -> data/vit_ti8.safetensors
+pretrain-ti8:  ## pretrain the larger embedded model vit-ti8 (issue 26; 30 epochs, about 2 hours on 2 CPU cores; a rerun resumes), then Figure 3 on it -> data/vit_ti8.safetensors
+	mkdir -p runs/reports runs/pretrain
 	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill --no-progress-bar nbs/02_pretrain.ipynb runs/pretrain/02_pretrain_vit-ti8.ipynb \
 	  --cwd . -p model vit-ti8 -p lr 1e-3 -p epochs 30 -p threads 2 -p commit_report True
+	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill --no-progress-bar nbs/04a_fig3_approx_nullspace.ipynb \
+	  runs/reports/04a_fig3_approx_nullspace_vit-ti8.ipynb --cwd . -p model vit-ti8 -p threads 2 -p commit_report True
 	$(MAKE) -s index
 
 # The fingerprint against its realistic impostors (issue 27), beside `make reports` (whose run of notebook 10b, at its

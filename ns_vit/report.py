@@ -232,6 +232,8 @@ RUNS: tuple[Run, ...] = (
     Run('02_pretrain', 'pretrain', ('pretrain',), executed='runs/pretrain/02_pretrain.ipynb'),
     Run('02_pretrain', 'pretrain-ti8', ('pretrain/vit-ti8',), {'model': 'vit-ti8', 'lr': '1e-3', 'epochs': '30', 'threads': '2'},
         executed='runs/pretrain/02_pretrain_vit-ti8.ipynb'),
+    Run('04a_fig3_approx_nullspace', 'pretrain-ti8', ('fig3_approx_nullspace/vit-ti8',), {'model': 'vit-ti8', 'threads': '2'},
+        executed='runs/reports/04a_fig3_approx_nullspace_vit-ti8.ipynb', note=_TI8),
 )
 OTHER_FILES = {'benchmarks/make_reports_minutes.md': 'reports'}  # report files that a target writes beside a notebook's (write_minutes)
 
