@@ -285,9 +285,7 @@ def evaluate(model: nn.Module, suite: str | list[str] = 'cifar10', n: int | dict
     "Score `model` on a robustness suite: one row per metric with value, n, 95% CI and settings."
     known = (1000, 'ImageNet') if suite == 'imagenet' else (None, 'a val folder') if data and 'val' in data else (10, 'CIFAR-10')
     check_model(model, *known)  # a PixelViT with the classes of the data (those of a `val` folder are not known here)
-    metrics, data = suite_metrics(suite), check_request(suite, n, data)
-    for s in CIFAR10_SHIFTS:  # shifted CIFAR-10 test sets join the CIFAR suite when the user has them
-        if s in data: metrics[s] = Metric('shift', None, {'shift': s}, SHIFTS[s].loader.__name__, needs=s)
+    metrics, data = _planned(suite, n, data)
     digest, out = model_digest(model), _Scores()
     with eval_mode(model):  # the caller's mode comes back on exit, also after an error
         for name, m in (bar := tqdm(metrics.items(), desc='evaluate', disable=quiet)):
@@ -301,6 +299,13 @@ def evaluate(model: nn.Module, suite: str | list[str] = 'cifar10', n: int | dict
             r, hit = _eval_cached(meta, score) if cache else (score(), False)
             out.add(name, m, meta, r, hit, time.time() - t0)
     return out.table()
+
+def _planned(suite: str | list[str], n: int | dict | None, data: dict | None) -> tuple[dict[str, Metric], dict]:
+    "The metrics `evaluate` scores (the suite's, and the shifted CIFAR-10 test sets the user has) and the checked `data`."
+    metrics, data = suite_metrics(suite), check_request(suite, n, data)
+    for s in CIFAR10_SHIFTS:  # shifted CIFAR-10 test sets join the CIFAR suite when the user has them
+        if s in data: metrics[s] = Metric('shift', None, {'shift': s}, SHIFTS[s].loader.__name__, needs=s)
+    return metrics, data
 
 def _size(n: int | dict | None, name: str, m: Metric) -> int | None:
     "The number of images metric `name` is scored on under `evaluate`'s `n`."
@@ -338,9 +343,7 @@ def evaluate_recorded(entries: dict,  # {metric: (meta, result)} as in `evaluate
                       crop_pct: float = 0.875,  # the model's crop (`loader_size(model)['crop_pct']`)
                       quiet: bool = True) -> pd.DataFrame | None:
     "`evaluate`'s table rebuilt from recorded results without the model, or None when any metric's key differs from today's (stale)."
-    metrics, data = suite_metrics(suite), check_request(suite, n, data)
-    for s in CIFAR10_SHIFTS:
-        if s in data: metrics[s] = Metric('shift', None, {'shift': s}, SHIFTS[s].loader.__name__, needs=s)
+    metrics, data = _planned(suite, n, data)
     digests = {meta.get('model') for meta, _ in entries.values()}
     if len(digests) != 1: return None
     digest, out = digests.pop(), _Scores()
