@@ -376,7 +376,7 @@ test_eq(writer('finetune/ns-eps0.03').notebook, '05_finetune'); test_eq(writer('
 test_eq((writer('reproduction/screen').target, writer('fig7_lookalike').target), ('study', 'reports'))  # the committing run first
 test_eq(executed_by('reports/notebooks/12_benchmarks.ipynb').target, 'bench')
 test_eq(default_reports()['11_reproduction'], ('reproduction/quick', 'reproduction/screen'))
-test_eq(writer('pretrain/vit-ti8').how, 'by `make pretrain-ti8` (`-p model vit-ti8 -p lr 1e-3 -p threads 1 -p commit_report True`)')
+test_eq(writer('pretrain/vit-ti8').how, 'by `make pretrain-ti8` (`-p model vit-ti8 -p lr 1e-3 -p epochs 30 -p threads 2 -p commit_report True`)')
 nbs = {p.stem for p in (repo_root() / 'nbs').glob('*.ipynb')}
 test_eq([r.notebook for r in RUNS if r.notebook not in nbs], [])  # every run names a notebook that exists
 test_eq(sorted(r.notebook for r in RUNS if r.defaults), sorted({r.notebook for r in RUNS}))  # one run per notebook at its defaults
