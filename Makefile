@@ -130,10 +130,13 @@ pretrain:  ## retrain the embedded default model (data/default_vit.safetensors),
 	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill nbs/02_pretrain.ipynb runs/pretrain/02_pretrain.ipynb --cwd . -p commit_report True
 	$(MAKE) -s index
 
-pretrain-ti8:  ## pretrain the larger embedded model vit-ti8 (issue 26; 30 epochs, about 2 hours on 2 CPU cores; a rerun resumes), then Figure 3 on it -> data/vit_ti8.safetensors
+# vit-ti8's recipe is two cosine cycles of 30 epochs (the second a warm restart at half the peak rate): one cycle left it
+# under-fitted (72.5%, still rising as the rate reached 0). The second cycle starts from a finished run of the first
+# (runs/pretrain/state-...-epochs=30-...pt, the state the one-cycle recipe wrote) when it is there, to the same weights.
+pretrain-ti8:  ## pretrain the larger embedded model vit-ti8 (issue 26; 60 epochs, about 4 hours on 2 CPU cores; a rerun resumes), then Figure 3 on it -> data/vit_ti8.safetensors
 	mkdir -p runs/reports runs/pretrain
 	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill --no-progress-bar nbs/02_pretrain.ipynb runs/pretrain/02_pretrain_vit-ti8.ipynb \
-	  --cwd . -p model vit-ti8 -p lr 1e-3 -p epochs 30 -p threads 2 -p commit_report True
+	  --cwd . -p model vit-ti8 -p lr 1e-3 -p epochs 60 -p restarts '[30]' -p restart_lr 0.5 -p threads 2 -p commit_report True
 	OMP_NUM_THREADS=2 PATH=$(abspath $(BIN)):$$PATH $(BIN)/papermill --no-progress-bar nbs/04a_fig3_approx_nullspace.ipynb \
 	  runs/reports/04a_fig3_approx_nullspace_vit-ti8.ipynb --cwd . -p model vit-ti8 -p threads 2 -p commit_report True
 	$(MAKE) -s index

@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 from .progress import tqdm
 from .data import UInt8Images, augment
+from dataclasses import asdict
 from .training import cosine_lr, read_state, save_state
 from .models import PixelViT, accuracy, model_device
 
 # %% auto #0
-__all__ = ['TrainConfig', 'train_epoch', 'train_classifier']
+__all__ = ['TrainConfig', 'cycle_lr', 'train_epoch', 'train_classifier']
 
 # %% ../nbs/02_pretrain.ipynb #ae543bc9
 @dataclass
@@ -28,6 +29,23 @@ class TrainConfig:
     warmup_epochs: float = 3.0  # linear warm-up length
     label_smoothing: float = 0.1  # cross-entropy label smoothing
     seed: int = 0  # seeds initial order, augmentation and everything random
+    restarts: tuple = ()  # epochs at which the cosine schedule restarts (warm restarts, SGDR); () = one cycle
+    restart_lr: float = 0.5  # peak learning rate of cycle k is lr × restart_lr**k
+
+    def __post_init__(self):
+        self.restarts = tuple(int(r) for r in self.restarts)
+        if any(not 0 < r < self.epochs for r in self.restarts) or list(self.restarts) != sorted(set(self.restarts)):
+            raise ValueError(f'restarts must be increasing epochs strictly between 0 and epochs={self.epochs}, got {list(self.restarts)}')
+
+    def first_cycles(self) -> 'TrainConfig':
+        "The recipe without its last restart: a finished run of it is this recipe's first `restarts[-1]` epochs."
+        if not self.restarts: raise ValueError('a recipe without restarts has no earlier cycles')
+        return TrainConfig(**{**asdict(self), 'epochs': self.restarts[-1], 'restarts': self.restarts[:-1]})
+
+def cycle_lr(step: int, bounds: list[int], warmup: int, scale: float) -> float:
+    "Learning-rate multiplier of cosine cycles with warm restarts: cycle k spans steps bounds[k]..bounds[k+1], warms up for `warmup` steps, peaks at scale**k."
+    k = max(i for i in range(len(bounds) - 1) if bounds[i] <= step)
+    return scale ** k * cosine_lr(step - bounds[k], bounds[k + 1] - bounds[k], warmup)
 
 
 # %% ../nbs/02_pretrain.ipynb #65c0344f
@@ -52,19 +70,28 @@ def train_epoch(model: PixelViT, data: UInt8Images, opt, sched, cfg: TrainConfig
 
 # %% ../nbs/02_pretrain.ipynb #86ec762a
 def train_classifier(model: PixelViT, train: UInt8Images, cfg: TrainConfig, val: UInt8Images | None = None,
-                     state_path: str | Path | None = None, quiet: bool = False, stop_after: int | None = None) -> list[dict]:
+                     state_path: str | Path | None = None, quiet: bool = False, stop_after: int | None = None,
+                     extends: str | Path | None = None,  # state of a run of `cfg.first_cycles()`: a new run starts from it
+                     ) -> list[dict]:
     "Train `model` on `train`; checkpoint to `state_path` after each epoch and resume from it; returns history."
     torch.manual_seed(cfg.seed)
     steps = (len(train) // cfg.batch_size) * cfg.epochs
     if steps == 0: raise ValueError(f'{len(train)} training images is fewer than one batch of {cfg.batch_size}')
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = int(cfg.warmup_epochs * len(train) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, warm))
+    per = len(train) // cfg.batch_size
+    bounds = [0, *(r * per for r in cfg.restarts), steps]
+    lam = lambda s: cycle_lr(s, bounds, warm, cfg.restart_lr)  # one cycle: cosine_lr(s, steps, warm)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
     start, history = 0, []
     st = read_state(state_path, cfg) if state_path else None  # `training.read_state`: checks `cfg`, sets a damaged file aside
+    if st is None and extends is not None:  # a longer schedule continues a run of its first cycles (same steps, same RNG)
+        st = read_state(extends, cfg.first_cycles())
+        if st is None: raise FileNotFoundError(f'{extends}: no readable state of the first cycles to extend')
     if st is not None:
         model.load_state_dict(st['model']); opt.load_state_dict(st['opt']); sched.load_state_dict(st['sched'])
         start, history = st['epoch'], st['history']; torch.set_rng_state(st['rng'])
+        for g in opt.param_groups: g['lr'] = g['initial_lr'] * lam(sched.last_epoch)  # an extended state: this schedule's rate
     end = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)  # stop_after: simulate a kill (tests)
     for epoch in tqdm(range(start, end), desc='pretrain', disable=quiet, initial=start, total=cfg.epochs):
         t0 = time.time()

@@ -230,7 +230,8 @@ RUNS: tuple[Run, ...] = (
         'out': 'runs/gpu-check/ns'}, executed='runs/reports/05_finetune_cuda.ipynb'),
     # make pretrain, make pretrain-ti8: the embedded models
     Run('02_pretrain', 'pretrain', ('pretrain',), executed='runs/pretrain/02_pretrain.ipynb'),
-    Run('02_pretrain', 'pretrain-ti8', ('pretrain/vit-ti8',), {'model': 'vit-ti8', 'lr': '1e-3', 'epochs': '30', 'threads': '2'},
+    Run('02_pretrain', 'pretrain-ti8', ('pretrain/vit-ti8',), {'model': 'vit-ti8', 'lr': '1e-3', 'epochs': '60', 'restarts': '[30]',
+        'restart_lr': '0.5', 'threads': '2'},
         executed='runs/pretrain/02_pretrain_vit-ti8.ipynb'),
     Run('04a_fig3_approx_nullspace', 'pretrain-ti8', ('fig3_approx_nullspace/vit-ti8',), {'model': 'vit-ti8', 'threads': '2'},
         executed='runs/reports/04a_fig3_approx_nullspace_vit-ti8.ipynb', note=_TI8),
