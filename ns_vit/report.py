@@ -62,8 +62,9 @@ def device_info(device: str | torch.device = 'cpu') -> str:
 
 def param(value):
     "A papermill parameter: `-p name '[1, 2]'` arrives as a string; decode JSON lists and dicts, pass the rest through."
-    if isinstance(value, str) and value.strip()[:1] in '[{':
-        return json.loads(value)
+    if isinstance(value, str) and value.strip()[:1] in ('[', '{'):
+        try: return json.loads(value)
+        except json.JSONDecodeError as e: raise ValueError(f'parameter value {value!r} starts like JSON but is not JSON ({e}); quote it as JSON, e.g. \'[30]\' or \'{{"steps": 20}}\'') from None
     return value
 
 # %% ../nbs/00a_report.ipynb #78374b62

@@ -53,3 +53,15 @@ def test_every_experiment_notebook_guards_its_committed_report():
         assert n >= 1, f'{name} never calls report_dir'
         assert text.count('params=params, commit=commit_report or bool(report)') == n, \
             f'{name}: every report_dir call must take params=params, commit=commit_report or bool(report)'
+
+
+def test_papermill_reads_every_parameter():
+    """Every line of a parameters cell is one parameter that papermill itself can read (a second '=' in a comment makes it
+    skip the line: "Unable to parse line", then "Passed unknown parameter" when a user passes it with -p)."""
+    import papermill
+    for name in sorted(EXPERIMENTS):
+        nb = json.loads((ROOT / 'nbs' / name).read_text())
+        src = next(''.join(c['source']) for c in nb['cells'] if 'parameters' in c.get('metadata', {}).get('tags', []))
+        names = [line.split(':')[0].split('=')[0].strip() for line in src.splitlines() if line.strip() and not line.startswith((' ', '#'))]
+        read = list(papermill.inspect_notebook(str(ROOT / 'nbs' / name)))
+        assert read == names, f'{name}: papermill reads {sorted(set(names) - set(read))} as no parameter'
