@@ -14,8 +14,8 @@ from torch import Tensor
 from .training import atomic_save, clean_tmp, file_lock
 
 # %% auto #0
-__all__ = ['ENTRY_FORMAT', 'CacheWarning', 'content_digest', 'file_digest', 'folder_digest', 'save_entry', 'load_entry', 'cached',
-           'verify_file']
+__all__ = ['ENTRY_FORMAT', 'CacheWarning', 'content_digest', 'file_digest', 'folder_digest', 'jsonable', 'save_entry',
+           'load_entry', 'cached', 'verify_file']
 
 # %% ../nbs/01c_cache.ipynb #e9d17560
 class CacheWarning(UserWarning):
@@ -78,7 +78,7 @@ def folder_digest(root: str | Path, length: int = 20) -> str:
 ENTRY_FORMAT = 1  # layout of an entry file; entries of another format are stale
 _MAGIC = b'NS_VIT-CACHE\n'
 
-def _jsonable(meta: dict | None) -> dict:
+def jsonable(meta: dict | None) -> dict:
     "`meta` as it reads back from JSON (tuples become lists), so stored and expected compare equal."
     return json.loads(json.dumps(meta or {}, sort_keys=True, default=str))
 
@@ -86,7 +86,7 @@ def save_entry(obj, path: str | Path, *, meta: dict | None = None) -> Path:
     "Write `obj` (tensors, numbers, strings, lists, dicts) to the cache entry `path` atomically, with its sha256 and `meta`."
     buf = io.BytesIO(); torch.save(obj, buf); payload = buf.getvalue()
     head = json.dumps(dict(format=ENTRY_FORMAT, size=len(payload), sha256=hashlib.sha256(payload).hexdigest(),
-                           meta=_jsonable(meta)), sort_keys=True).encode() + b'\n'
+                           meta=jsonable(meta)), sort_keys=True).encode() + b'\n'
     def write(_, p):
         with open(p, 'wb') as f: f.write(_MAGIC); f.write(head); f.write(payload)
     return atomic_save(None, path, write)
@@ -100,8 +100,8 @@ def _problem(raw: bytes, meta: dict | None) -> tuple[str | None, bytes]:
     if head.get('format') != ENTRY_FORMAT: return f"has format {head.get('format')}, not {ENTRY_FORMAT} (stale)", b''
     if len(payload) != head.get('size'): return f"is truncated ({len(payload)} of {head.get('size')} bytes)", b''
     if hashlib.sha256(payload).hexdigest() != head.get('sha256'): return 'does not match its sha256 (corrupt)', b''
-    if meta is not None and head.get('meta') != _jsonable(meta):
-        stored, want = head.get('meta') or {}, _jsonable(meta)
+    if meta is not None and head.get('meta') != jsonable(meta):
+        stored, want = head.get('meta') or {}, jsonable(meta)
         diff = sorted(k for k in set(stored) | set(want) if stored.get(k) != want.get(k))
         return f'is stale (made with other {diff})', b''
     return None, payload

@@ -14,7 +14,7 @@ import torch
 from torch import nn, Tensor
 from .progress import tqdm
 from .data import cifar10, cache_dir, image_folder
-from .cache import cached, content_digest, file_digest, folder_digest
+from .cache import cached, content_digest, file_digest, folder_digest, jsonable
 from .models import predict, get_model, weights_digest, loader_size, checkpoint_file, eval_mode
 from .checks import check_model
 from .training import atomic_save
@@ -263,7 +263,7 @@ def evaluate_recorded(entries: dict,  # {metric: (meta, result)} as in `evaluate
         if m.needs and m.needs not in data: out.missing(name, m); continue
         if name not in entries: return None
         meta, r = entries[name]
-        if json.loads(json.dumps(meta, default=str)) != json.loads(json.dumps(metric_meta(digest, name, m, k, _inputs(name, m, k, data, seed, quiet, crop_pct)[0], seed), default=str)):
+        if jsonable(meta) != jsonable(metric_meta(digest, name, m, k, _inputs(name, m, k, data, seed, quiet, crop_pct)[0], seed)):
             return None
         out.add(name, m, meta, r, True, 0.0)
     return out.table()

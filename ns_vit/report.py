@@ -74,10 +74,11 @@ def _git(root: Path, *args: str) -> bytes:
 
 def git_state(
     root: str | Path | None = None,  # a folder in the repository; default: ns_vit's repository
+    exclude: tuple = (),  # files (relative to the repository) that the run itself wrote, e.g. its weights: not counted as dirty
 ) -> dict:
     "The code that runs: `commit` (`<hash>+dirty` on a dirty tree), `dirty`, and for a dirty tree `diff_sha256` and `untracked`."
     root = Path(root) if root is not None else repo_root()
-    outside_reports = ['--', '.', ':(exclude)reports']  # make reports rewrites tracked reports as it runs
+    outside_reports = ['--', '.', ':(exclude)reports', *(f':(exclude,literal){p}' for p in exclude)]  # make reports rewrites tracked reports as it runs
     try:
         commit = _git(root, 'rev-parse', '--verify', 'HEAD').decode().strip()
         if not commit: return dict(commit='unknown', dirty=None)  # not a git checkout (an installed package, an archive)
@@ -132,12 +133,16 @@ def write_meta(
     params: dict,  # the notebook's parameters
     t0: float,  # `time.time()` when the experiment started
     device='cpu',  # the device it ran on
+    outputs: tuple = (),  # files the run wrote outside `folder` (its weights and card): recorded with their sha256, not counted as dirty
     **extra,  # anything else the report should record (run folders, timings, settings)
 ) -> Path:
     "Write `meta.json`: parameters and extras (paths relative to the repo), git commit and state, device, wall time, torch."
     params, notes = relative_paths(params, where='params')
     extra, extra_notes = relative_paths(extra)
-    state = git_state()
+    root = repo_root()
+    own = {_under(Path(p), root) or Path(p).name: Path(p) for p in outputs}  # repo-relative (a file elsewhere: its name)
+    state = git_state(exclude=tuple(k for k, q in own.items() if _under(q, root)))  # what the run wrote does not make its code dirty
+    if own: extra = dict(outputs={k: hashlib.sha256(q.read_bytes()).hexdigest() for k, q in own.items()}) | extra
     meta = dict(params=params, git_commit=state.pop('commit'), **state, device=device_info(device),
                 wall_time_s=round(time.time() - t0, 1), torch=torch.__version__, created=time.strftime('%Y-%m-%d %H:%M:%S'), **extra)
     if notes + extra_notes: meta['path_notes'] = notes + extra_notes
