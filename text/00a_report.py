@@ -74,13 +74,16 @@ def device_info(device: str | torch.device = 'cpu') -> str:
 
 def param(value):
     "A papermill parameter: `-p name '[1, 2]'` arrives as a string; decode JSON lists and dicts, pass the rest through."
-    if isinstance(value, str) and value.strip()[:1] in '[{':
-        return json.loads(value)
+    if isinstance(value, str) and value.strip()[:1] in ('[', '{'):
+        try: return json.loads(value)
+        except json.JSONDecodeError as e: raise ValueError(f'parameter value {value!r} starts like JSON but is not JSON ({e}); quote it as JSON, e.g. \'[30]\' or \'{{"steps": 20}}\'') from None
     return value
 
 
 # %%
 test_eq(param('[1, 2]'), [1, 2]); test_eq(param('{"a": {}}'), {'a': {}}); test_eq(param('abc'), 'abc'); test_eq(param([3]), [3])
+test_eq(param(''), ''); test_eq(param('  '), '  ')  # an empty parameter is a string, not JSON
+test_fail(lambda: param("{'steps': 20}"), contains='starts like JSON but is not JSON')
 
 
 # %% [markdown]
@@ -100,10 +103,11 @@ def _git(root: Path, *args: str) -> bytes:
 
 def git_state(
     root: str | Path | None = None,  # a folder in the repository; default: ns_vit's repository
+    exclude: tuple = (),  # files (relative to the repository) that the run itself wrote, e.g. its weights: not counted as dirty
 ) -> dict:
     "The code that runs: `commit` (`<hash>+dirty` on a dirty tree), `dirty`, and for a dirty tree `diff_sha256` and `untracked`."
     root = Path(root) if root is not None else repo_root()
-    outside_reports = ['--', '.', ':(exclude)reports']  # make reports rewrites tracked reports as it runs
+    outside_reports = ['--', '.', ':(exclude)reports', *(f':(exclude,literal){p}' for p in exclude)]  # make reports rewrites tracked reports as it runs
     try:
         commit = _git(root, 'rev-parse', '--verify', 'HEAD').decode().strip()
         if not commit: return dict(commit='unknown', dirty=None)  # not a git checkout (an installed package, an archive)
@@ -136,6 +140,8 @@ with tempfile.TemporaryDirectory() as d:
     (Path(d) / 'a.py').write_text('x = 3\n'); assert git_state(d)['diff_sha256'] != s['diff_sha256']  # another edit, another hash
     (Path(d) / 'a.py').write_text('x = 1\n'); (Path(d) / 'b.py').write_text('')  # an untracked source file makes it dirty too
     test_eq((git_state(d)['dirty'], git_state(d)['untracked']), (True, ['b.py']))
+    test_eq(git_state(d, exclude=('b.py',)), dict(commit=head, dirty=False))  # a file the run wrote itself (its weights)
+    (Path(d) / 'a.py').write_text('x = 9\n'); test_eq(git_state(d, exclude=('b.py',))['dirty'], True)  # the code still counts
 
 
 # %% [markdown]
@@ -201,12 +207,16 @@ def write_meta(
     params: dict,  # the notebook's parameters
     t0: float,  # `time.time()` when the experiment started
     device='cpu',  # the device it ran on
+    outputs: tuple = (),  # files the run wrote outside `folder` (its weights and card): recorded with their sha256, not counted as dirty
     **extra,  # anything else the report should record (run folders, timings, settings)
 ) -> Path:
     "Write `meta.json`: parameters and extras (paths relative to the repo), git commit and state, device, wall time, torch."
     params, notes = relative_paths(params, where='params')
     extra, extra_notes = relative_paths(extra)
-    state = git_state()
+    root = repo_root()
+    own = {_under(Path(p), root) or Path(p).name: Path(p) for p in outputs}  # repo-relative (a file elsewhere: its name)
+    state = git_state(exclude=tuple(k for k, q in own.items() if _under(q, root)))  # what the run wrote does not make its code dirty
+    if own: extra = dict(outputs={k: hashlib.sha256(q.read_bytes()).hexdigest() for k, q in own.items()}) | extra
     meta = dict(params=params, git_commit=state.pop('commit'), **state, device=device_info(device),
                 wall_time_s=round(time.time() - t0, 1), torch=torch.__version__, created=time.strftime('%Y-%m-%d %H:%M:%S'), **extra)
     if notes + extra_notes: meta['path_notes'] = notes + extra_notes
@@ -256,6 +266,9 @@ with tempfile.TemporaryDirectory() as d:
     test_eq(meta['runs'], {'ns': 'runs/ns'}); test_eq(len(meta['path_notes']), 1); assert meta['path_notes'][0].startswith('params.data')
     test_eq(meta['git_commit'].endswith('+dirty'), meta['dirty'] is True)  # the flag and the commit agree
     assert str(repo_root()) not in json.dumps(meta)  # nothing of this machine's paths
+    w = Path(d) / 'w.safetensors'; w.write_bytes(b'weights')  # a file the run wrote beside its report: its sha256, by name
+    meta = json.loads(write_meta(rd, {}, time.time(), outputs=[w]).read_text())
+    test_eq(meta['outputs'], {'w.safetensors': hashlib.sha256(b'weights').hexdigest()})
 
 
 # %% [markdown]
@@ -344,7 +357,8 @@ RUNS: tuple[Run, ...] = (
         'out': 'runs/gpu-check/ns'}, executed='runs/reports/05_finetune_cuda.ipynb'),
     # make pretrain, make pretrain-ti8: the embedded models
     Run('02_pretrain', 'pretrain', ('pretrain',), executed='runs/pretrain/02_pretrain.ipynb'),
-    Run('02_pretrain', 'pretrain-ti8', ('pretrain/vit-ti8',), {'model': 'vit-ti8', 'lr': '1e-3', 'epochs': '30', 'threads': '2'},
+    Run('02_pretrain', 'pretrain-ti8', ('pretrain/vit-ti8',), {'model': 'vit-ti8', 'lr': '1e-3', 'epochs': '60', 'restarts': '[30]',
+        'restart_lr': '0.5', 'threads': '2'},
         executed='runs/pretrain/02_pretrain_vit-ti8.ipynb'),
     Run('04a_fig3_approx_nullspace', 'pretrain-ti8', ('fig3_approx_nullspace/vit-ti8',), {'model': 'vit-ti8', 'threads': '2'},
         executed='runs/reports/04a_fig3_approx_nullspace_vit-ti8.ipynb', note=_TI8),
@@ -376,7 +390,7 @@ test_eq(writer('finetune/ns-eps0.03').notebook, '05_finetune'); test_eq(writer('
 test_eq((writer('reproduction/screen').target, writer('fig7_lookalike').target), ('study', 'reports'))  # the committing run first
 test_eq(executed_by('reports/notebooks/12_benchmarks.ipynb').target, 'bench')
 test_eq(default_reports()['11_reproduction'], ('reproduction/quick', 'reproduction/screen'))
-test_eq(writer('pretrain/vit-ti8').how, 'by `make pretrain-ti8` (`-p model vit-ti8 -p lr 1e-3 -p epochs 30 -p threads 2 -p commit_report True`)')
+test_eq(writer('pretrain/vit-ti8').how, 'by `make pretrain-ti8` (`-p model vit-ti8 -p lr 1e-3 -p epochs 60 -p restarts [30] -p restart_lr 0.5 -p threads 2 -p commit_report True`)')
 nbs = {p.stem for p in (repo_root() / 'nbs').glob('*.ipynb')}
 test_eq([r.notebook for r in RUNS if r.notebook not in nbs], [])  # every run names a notebook that exists
 test_eq(sorted(r.notebook for r in RUNS if r.defaults), sorted({r.notebook for r in RUNS}))  # one run per notebook at its defaults

@@ -144,7 +144,7 @@ with tempfile.TemporaryDirectory() as d:
 ENTRY_FORMAT = 1  # layout of an entry file; entries of another format are stale
 _MAGIC = b'NS_VIT-CACHE\n'
 
-def _jsonable(meta: dict | None) -> dict:
+def jsonable(meta: dict | None) -> dict:
     "`meta` as it reads back from JSON (tuples become lists), so stored and expected compare equal."
     return json.loads(json.dumps(meta or {}, sort_keys=True, default=str))
 
@@ -152,7 +152,7 @@ def save_entry(obj, path: str | Path, *, meta: dict | None = None) -> Path:
     "Write `obj` (tensors, numbers, strings, lists, dicts) to the cache entry `path` atomically, with its sha256 and `meta`."
     buf = io.BytesIO(); torch.save(obj, buf); payload = buf.getvalue()
     head = json.dumps(dict(format=ENTRY_FORMAT, size=len(payload), sha256=hashlib.sha256(payload).hexdigest(),
-                           meta=_jsonable(meta)), sort_keys=True).encode() + b'\n'
+                           meta=jsonable(meta)), sort_keys=True).encode() + b'\n'
     def write(_, p):
         with open(p, 'wb') as f: f.write(_MAGIC); f.write(head); f.write(payload)
     return atomic_save(None, path, write)
@@ -166,8 +166,8 @@ def _problem(raw: bytes, meta: dict | None) -> tuple[str | None, bytes]:
     if head.get('format') != ENTRY_FORMAT: return f"has format {head.get('format')}, not {ENTRY_FORMAT} (stale)", b''
     if len(payload) != head.get('size'): return f"is truncated ({len(payload)} of {head.get('size')} bytes)", b''
     if hashlib.sha256(payload).hexdigest() != head.get('sha256'): return 'does not match its sha256 (corrupt)', b''
-    if meta is not None and head.get('meta') != _jsonable(meta):
-        stored, want = head.get('meta') or {}, _jsonable(meta)
+    if meta is not None and head.get('meta') != jsonable(meta):
+        stored, want = head.get('meta') or {}, jsonable(meta)
         diff = sorted(k for k in set(stored) | set(want) if stored.get(k) != want.get(k))
         return f'is stale (made with other {diff})', b''
     return None, payload

@@ -22,7 +22,7 @@ import torch
 from torch import nn, Tensor
 from ns_vit.progress import tqdm
 from ns_vit.data import cifar10, cache_dir, image_folder
-from ns_vit.cache import cached, content_digest, file_digest, folder_digest
+from ns_vit.cache import cached, content_digest, file_digest, folder_digest, jsonable
 from ns_vit.models import predict, get_model, weights_digest, loader_size, checkpoint_file, eval_mode
 from ns_vit.checks import check_model
 from ns_vit.training import atomic_save
@@ -352,7 +352,7 @@ def evaluate_recorded(entries: dict,  # {metric: (meta, result)} as in `evaluate
         if m.needs and m.needs not in data: out.missing(name, m); continue
         if name not in entries: return None
         meta, r = entries[name]
-        if json.loads(json.dumps(meta, default=str)) != json.loads(json.dumps(metric_meta(digest, name, m, k, _inputs(name, m, k, data, seed, quiet, crop_pct)[0], seed), default=str)):
+        if jsonable(meta) != jsonable(metric_meta(digest, name, m, k, _inputs(name, m, k, data, seed, quiet, crop_pct)[0], seed)):
             return None
         out.add(name, m, meta, r, True, 0.0)
     return out.table()

@@ -1086,7 +1086,7 @@ n_sweep: int = 100  # the first n_sweep of them for the discriminative sweep (bi
 eps_list: str = '0.5,1,2,4,8'  # ε of FGSM and PGD, in units of 1/255
 cw_radii: str = '0.05,0.1,0.15,0.2,0.25,0.3,0.5'  # L2 radii at which the binary-search CW-L2 is read (one run)
 mild_list: str = '4,8,16,32,64'  # L∞ bounds of the mild Patch-Fool inside the patch, in units of 1/255
-pgd_steps: int = 10  # PGD steps (α = max(ε/4, 2.5ε/steps))
+pgd_steps: int = 10  # PGD steps (step size α: max(ε/4, 2.5ε/steps))
 preset: str = 'cifar10'  # ATTACK_PRESETS entry for CW-L2, CW∞ and Patch-Fool
 model: str = 'default'  # 'default' (embedded CIFAR-10 ViT) or a timm ViT name
 checkpoint: str = ''  # weights: '' (default model's), a local file, or 'hub'

@@ -599,7 +599,7 @@ with tempfile.TemporaryDirectory() as d:
 # transfer accuracy for each model.
 
 # %% tags=["parameters"]
-n: int = 10000  # CIFAR-10 test images attacked (seeded sample); 10000 = the whole test set
+n: int = 10000  # CIFAR-10 test images attacked (seeded sample); 10000: the whole test set
 seed: int = 0  # seed of the sample
 eps: float = 0.1  # L∞ bound of the attack (DamageNet: 25.5/255)
 steps: int = 20  # cap on attack iterations (DamageNet stops on RMSD only)

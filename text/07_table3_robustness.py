@@ -67,7 +67,7 @@ metrics: list = ['clean', 'fgsm', 'pgd', 'damagenet', 'cifar10_c']  # Table 3's 
 overrides: dict = {}  # FinetuneConfig fields changed for every run, e.g. {"steps": 800}; {} → the defaults (runs shared with 05, 08, 09)
 adv_overrides: dict = {}  # FinetuneConfig fields for madry and trades only when sweep is off, e.g. {"adv_eps": 0.0157, "steps": 1600}
 sweep: bool = False  # run the adversarial-training budget sweep and use its choice for the madry and trades rows
-budgets: str = 'sweep'  # without the sweep: 'sweep' = the committed sweep's choice (reports/table3_robustness/sweep/sweep.csv) when there is one; 'config' = FinetuneConfig's budget + adv_overrides
+budgets: str = 'sweep'  # without the sweep: 'sweep' means the committed sweep's choice (reports/table3_robustness/sweep/sweep.csv) when there is one; 'config': FinetuneConfig's budget + adv_overrides
 sweep_adv_eps: list = [0.0078, 0.0157, 0.0314]  # training ε of the sweep (2/255, 4/255, 8/255)
 sweep_steps: list = [400, 1600]  # training lengths (optimiser steps) of the sweep
 sweep_eval_every: int = 100  # steps between the training curve's checks
@@ -81,7 +81,7 @@ seed: int = 0  # seed of everything random
 device: str = 'cpu'  # 'cpu', 'cuda', ...
 threads: int = 2  # CPU threads for torch
 smoke: bool = False  # tiny run for tests (written under runs/smoke/)
-report: str = ''  # folder under reports/ for this run; '' → table3_robustness, or table3_robustness/sweep with sweep=True. A named folder is written whatever the parameters (unnamed, a non-default run goes to runs/reports/<artifact>-<digest>)
+report: str = ''  # folder under reports/ for this run; '' → table3_robustness, or table3_robustness/sweep with sweep True. A named folder is written whatever the parameters (unnamed, a non-default run goes to runs/reports/<artifact>-<digest>)
 commit_report: bool = False  # write into the committed reports/ folder even when the parameters differ from its meta.json (make reports and make study do)
 
 

@@ -566,7 +566,7 @@ print(v['sentence'])
 # %% tags=["parameters"]
 n_negatives: int = 12  # independently initialised default ViTs trained from scratch (seeds 1, 2, ...)
 n_calibration: int = 4  # the first n_calibration of them choose the threshold; the others are held out (FPR, ROC)
-margin: float = 0.5  # threshold = margin × the closest calibration negative's distance (relative to chance)
+margin: float = 0.5  # the threshold is margin × the closest calibration negative's distance (relative to chance)
 neg_epochs: int = 3  # epochs of each negative over its training subset (short schedule)
 neg_train: int = 10_000  # CIFAR-10 training images per negative (a seeded subset per negative)
 neg_batch: int = 128  # batch size of the negatives
@@ -599,7 +599,7 @@ runs_root: str = ''  # cache folder; '' → runs/fingerprint (smoke: runs/smoke/
 device: str = 'cpu'  # 'cpu', 'cuda', ...
 threads: int = 2  # CPU threads for torch
 smoke: bool = False  # tiny run for tests (a few steps on a few images, written under runs/smoke/)
-report: str = ''  # folder under reports/ for this run; '' → fingerprint, or fingerprint/impostors with impostors=True. A named folder is written whatever the parameters (unnamed, a non-default run goes to runs/reports/<artifact>-<digest>)
+report: str = ''  # folder under reports/ for this run; '' → fingerprint, or fingerprint/impostors with impostors True. A named folder is written whatever the parameters (unnamed, a non-default run goes to runs/reports/<artifact>-<digest>)
 commit_report: bool = False  # write into the committed reports/ folder even when the parameters differ from its meta.json (make reports and make study do)
 
 

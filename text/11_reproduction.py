@@ -557,7 +557,7 @@ def verdict() -> str:
                          f"median held-out mse_prob {r.median_heldout_mse_prob:.3f} ({r.median_ratio_to_eps:.2f} ε) against "
                          f"{r.median_gaussian_mse_prob:.3f} for a Gaussian noise of the same norm")
     for r in norm_diffs.itertuples():
-        word = 'larger' if r.ci_low > 0 else 'smaller' if r.ci_high < 0 else 'no detectably different'
+        word = 'larger' if r.ci_low > 0 else 'smaller' if r.ci_high < 0 else 'not detectably different'
         lines.append(f'- after training, the tolerated ε-noise (its norm at held-out influence ε), {r.comparison}: {word} '
                      f'({r.value:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}] over {r.n} seeds)')
     if len(dose): lines += ['- the dose:'] + ['  ' + l for l in dose_reading().splitlines()]

@@ -45,7 +45,7 @@ from ns_vit.report import report_dir, write_meta, save_table, save_figure, in_te
 
 # %% tags=["parameters"]
 model: str = 'default'  # embedded model to time ('default', 'vit-ti8'); another writes reports/benchmarks/<model>
-steps: int = 80  # finetuning steps per timed run (2 noise rounds at refresh_every = 40)
+steps: int = 80  # finetuning steps per timed run (2 noise rounds at refresh_every 40)
 batch_size: int = 128  # images per step
 repeats: int = 2  # timed runs per variant (alternating); the best counts
 semantics_check: bool = True  # finetune the default run with the authors' batch of 128 too and compare noise and metrics
