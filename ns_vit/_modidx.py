@@ -554,5 +554,6 @@ d = { 'settings': { 'branch': 'main',
                                  'ns_vit.training.run_lock': ('training.html#run_lock', 'ns_vit/training.py'),
                                  'ns_vit.training.save_state': ('training.html#save_state', 'ns_vit/training.py'),
                                  'ns_vit.training.seed_of': ('training.html#seed_of', 'ns_vit/training.py'),
+                                 'ns_vit.training.shown_path': ('training.html#shown_path', 'ns_vit/training.py'),
                                  'ns_vit.training.step_batches': ('training.html#step_batches', 'ns_vit/training.py'),
                                  'ns_vit.training.step_indices': ('training.html#step_indices', 'ns_vit/training.py')}}}

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 # %% auto #0
 __all__ = ['LOCK_TIMEOUT_S', 'atomic_save', 'clean_tmp', 'cosine_lr', 'seed_of', 'rank_world', 'claim_run_dir', 'lock_holder',
-           'file_lock', 'run_lock', 'save_state', 'read_state', 'step_indices', 'StepBatchSampler', 'step_batches',
-           'gather']
+           'shown_path', 'file_lock', 'run_lock', 'save_state', 'read_state', 'step_indices', 'StepBatchSampler',
+           'step_batches', 'gather']
 
 # %% ../nbs/01b_training.ipynb #019abdfb
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]  # tags temp files with their writer's host
@@ -114,6 +114,12 @@ def lock_holder(path: str | Path) -> str:
     except (OSError, IndexError): stopped = False
     return f'pid {pid}' + (f' (stopped, e.g. by Ctrl-Z: resume it with `kill -CONT {pid}`, or end it)' if stopped else '')
 
+def shown_path(p: str | Path) -> str:
+    "`p` for a message that may land in an executed notebook: relative to the working folder when inside it, else as given."
+    p = Path(p)
+    try: return Path(os.path.abspath(p)).relative_to(Path.cwd()).as_posix()
+    except ValueError: return str(p)
+
 @contextmanager
 def file_lock(folder: str | Path, name: str = '.lock', *,
               what: str = '',  # what the lock guards, for the messages (default: the folder)
@@ -123,14 +129,14 @@ def file_lock(folder: str | Path, name: str = '.lock', *,
     try: import fcntl
     except ImportError: yield; return  # no POSIX locks (Windows): nothing is shared between processes there
     Path(folder).mkdir(parents=True, exist_ok=True)
-    path, what = Path(folder) / name, what or str(folder)
+    path, what = Path(folder) / name, what or shown_path(folder)
     timeout = float(os.environ.get('NS_VIT_LOCK_TIMEOUT', LOCK_TIMEOUT_S)) if timeout is None else timeout
     def take() -> bool:
         try: fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB); return True
         except BlockingIOError: return False
     with open(path, 'a') as fh:
         if not take():
-            print(f'waiting for {what}: {path} is locked by {lock_holder(path)}; giving up after {timeout:g} s '
+            print(f'waiting for {what}: {shown_path(path)} is locked by {lock_holder(path)}; giving up after {timeout:g} s '
                   '(NS_VIT_LOCK_TIMEOUT)', file=sys.stderr, flush=True)
             t0 = time.monotonic()
             while not take():

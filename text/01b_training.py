@@ -194,6 +194,12 @@ def lock_holder(path: str | Path) -> str:
     except (OSError, IndexError): stopped = False
     return f'pid {pid}' + (f' (stopped, e.g. by Ctrl-Z: resume it with `kill -CONT {pid}`, or end it)' if stopped else '')
 
+def shown_path(p: str | Path) -> str:
+    "`p` for a message that may land in an executed notebook: relative to the working folder when inside it, else as given."
+    p = Path(p)
+    try: return Path(os.path.abspath(p)).relative_to(Path.cwd()).as_posix()
+    except ValueError: return str(p)
+
 @contextmanager
 def file_lock(folder: str | Path, name: str = '.lock', *,
               what: str = '',  # what the lock guards, for the messages (default: the folder)
@@ -203,14 +209,14 @@ def file_lock(folder: str | Path, name: str = '.lock', *,
     try: import fcntl
     except ImportError: yield; return  # no POSIX locks (Windows): nothing is shared between processes there
     Path(folder).mkdir(parents=True, exist_ok=True)
-    path, what = Path(folder) / name, what or str(folder)
+    path, what = Path(folder) / name, what or shown_path(folder)
     timeout = float(os.environ.get('NS_VIT_LOCK_TIMEOUT', LOCK_TIMEOUT_S)) if timeout is None else timeout
     def take() -> bool:
         try: fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB); return True
         except BlockingIOError: return False
     with open(path, 'a') as fh:
         if not take():
-            print(f'waiting for {what}: {path} is locked by {lock_holder(path)}; giving up after {timeout:g} s '
+            print(f'waiting for {what}: {shown_path(path)} is locked by {lock_holder(path)}; giving up after {timeout:g} s '
                   '(NS_VIT_LOCK_TIMEOUT)', file=sys.stderr, flush=True)
             t0 = time.monotonic()
             while not take():
@@ -260,6 +266,19 @@ with tempfile.TemporaryDirectory() as d:
     finally: holder.kill(); holder.wait()
     with file_lock(d, timeout=0.5): pass  # released when its holder ends
     test_eq(lock_holder(Path(d) / '.lock'), 'another process')  # nobody holds it
+# the waiting line lands in executed notebooks (make reports runs two notebooks that share the cache): a lock under the
+# working folder is named relative to it, so no machine path is printed; one elsewhere keeps its full path (above)
+with tempfile.TemporaryDirectory(dir='.') as d:
+    script = f'import fcntl, time; fh = open({str(Path(d).resolve() / ".lock")!r}, "a"); fcntl.flock(fh, fcntl.LOCK_EX); print(1, flush=True); time.sleep(60)'
+    holder = subprocess.Popen([sys.executable, '-c', script], stdout=subprocess.PIPE, text=True)
+    try:
+        holder.stdout.readline()
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err): test_fail(lambda: file_lock(Path(d).resolve(), timeout=0.3).__enter__(), contains='gave up waiting')
+        rel = Path(d).resolve().relative_to(Path.cwd()).as_posix()
+        assert err.getvalue().startswith(f'waiting for {rel}: {rel}/.lock is locked by pid {holder.pid}'), err.getvalue()
+        assert str(Path.cwd()) not in err.getvalue(), err.getvalue()
+    finally: holder.kill(); holder.wait()
 
 
 # %% [markdown]

@@ -229,7 +229,7 @@ def cached(path: str | Path, compute: Callable[[], object], *, meta: dict | None
     value = load_entry(path, meta=meta, quiet=True)  # no lock to read: entries are replaced atomically
     if value is not None: return value, True
     with ExitStack() as stack:
-        try: stack.enter_context(file_lock(path.parent, f'.{path.name}.lock', what=f'the cache entry {path} (being computed)'))
+        try: stack.enter_context(file_lock(path.parent, f'.{path.name}.lock', what=f'the cache entry {path.name} (being computed)'))
         except TimeoutError: raise
         except OSError as e:  # the folder cannot hold a lock file (read-only, full, not a folder): compute alone
             value = compute(); _unstored(path, e); return value, False
