@@ -16,10 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 EXECUTED = ROOT / 'reports' / 'notebooks'
 # Executed copies that fail the check for a known reason and wait for their make target (`make reports`; 11 by `make
 # study`, 12 by `make bench`: ns_vit.report.RUNS). A copy listed here that has become clean fails (strict xfail): take it
-# off the list. `make reports` and `make bench` at 995e87c regenerated every copy; 08 and 09, which ran side by side and
-# shared a cache entry, printed the cache lock's waiting line with the cache's absolute path. file_lock now names a lock
-# under the working folder relative to it (nbs/01b_training.ipynb), and the next `make reports` clears them.
-STALE = {'08_table4_eps_ablation.ipynb', '09_table2_robustness.ipynb'}
+# off the list. None is listed: 08 and 09, which printed the cache lock's waiting line with the cache's absolute path
+# when they ran side by side, were regenerated after file_lock learned to name a lock relative to the working folder.
+STALE: set[str] = set()
 
 
 @pytest.mark.parametrize('name', sorted(p.name for p in EXECUTED.glob('*.ipynb')))
