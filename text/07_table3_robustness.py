@@ -13,7 +13,7 @@
 # and random-noise finetuning. (Until this change the notebook ran Table 2's five methods on Table 2's suite with the same
 # run folders, so `table3.csv` came out as a byte copy of `table2.csv`.)
 #
-# **Each method at its own budget.** Adversarial finetuning at Table 2's shared budget (ε = 8/255, 400 steps at lr 1e-4
+# **Each method at its own budget.** Adversarial finetuning at the other methods' shared budget (`FinetuneConfig`: ε = 8/255, 400 steps at lr 1e-4
 # from a non-robust model) collapses: it loses about 30 clean points. A practitioner would first pick the budget. With
 # `sweep=True` (`-p sweep true`) the notebook finetunes the base model with Madry and with TRADES at every training ε in
 # `sweep_adv_eps` and every length in `sweep_steps`, draws each run's training curve (clean and FGSM accuracy on held-out
@@ -31,7 +31,9 @@
 # of this notebook) then puts the chosen budgets into Table 3 itself, reusing the chosen runs. At the defaults (ε 2, 4 and
 # 8/255 × 400 and 1,600 steps) that is 6,000 PGD-5 steps per method; measured here on one loaded core, a Madry step costs
 # 4.5× and a TRADES step 6.0× a plain step (2.50, 3.36 and 0.56 s per 128 images), so about 0.9 and 1.2 s on an idle
-# core and about 3.5 CPU-hours in all; the 8/255 × 400-step runs are Table 2's and are reused.
+# core and about 3.5 CPU-hours in all; the 8/255 × 400-step runs are `FinetuneConfig`'s budget, the one `make reports` trains while no sweep is committed, and are reused.
+# (Table 2, notebook 09, no longer carries these two rows: at the shared budget they were the collapse above, and they
+# cost half of its CPU time.)
 #
 # Two readings of the table:
 #

@@ -72,7 +72,7 @@ Markdown('## Results\n\nAccuracy (%) per arm, the default cell of the reproducti
          "with 95% t-intervals over the seeds (training randomness: each seed's accuracy on the same test images; the "
          "comparisons above also count the images):\n\n" + (arms_table(csv, arms, metrics, cell='default') if csv.exists() else
          '*Not generated yet:* `make study`.') + '\n\nThe full tables: [the study](reports/reproduction/), '
-         '[Table 2](reports/table2_robustness/) (also Patch-Fool, CW, FGSM and PGD at 8/255, PGD-AT and TRADES), and every '
+         '[Table 2](reports/table2_robustness/) (also Patch-Fool, CW, FGSM and PGD at 8/255), [Table 3](reports/table3_robustness/) (PGD-AT and TRADES at their own budgets), and every '
          "artifact of the paper below; `make docs` builds them into a site (`_site/index.html`), one page each.\n\n"
          + artifacts_table('reports/'))
 
@@ -173,7 +173,7 @@ Markdown(api_table({
 #
 # ```sh
 # source .venv/bin/activate
-# papermill nbs/09_table2_robustness.ipynb out.ipynb      # Table 2: base, none, gaussian, ns, madry, trades
+# papermill nbs/09_table2_robustness.ipynb out.ipynb      # Table 2: base, none, gaussian, ns (07: Table 3, madry and trades)
 # ns-vit-evaluate --suite quick --out runs/eval/base      # score the default model (clean, FGSM, PGD at 1/255)
 # ns-vit-evaluate --checkpoint runs/finetune/<run>/model.safetensors --suite cifar10 --out runs/eval/ns
 # make reports                                            # every figure and table at default parameters (not the study)
