@@ -72,7 +72,7 @@ Markdown('## Results\n\nAccuracy (%) per arm, the default cell of the reproducti
          "with 95% t-intervals over the seeds (training randomness: each seed's accuracy on the same test images; the "
          "comparisons above also count the images):\n\n" + (arms_table(csv, arms, metrics, cell='default') if csv.exists() else
          '*Not generated yet:* `make study`.') + '\n\nThe full tables: [the study](reports/reproduction/), '
-         '[Table 2](reports/table2_robustness/) (also Patch-Fool, CW, FGSM and PGD at 8/255), [Table 3](reports/table3_robustness/) (PGD-AT and TRADES at their own budgets), and every '
+         '[Table 2](reports/table2_robustness/) (also Patch-Fool, CW, FGSM and PGD at 8/255), [Table 3](reports/table3_robustness/) (PGD-AT and TRADES beside NS; the sentence under it says at which training budget), and every '
          "artifact of the paper below; `make docs` builds them into a site (`_site/index.html`), one page each.\n\n"
          + artifacts_table('reports/'))
 
