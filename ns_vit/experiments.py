@@ -23,8 +23,9 @@ from .cache import save_entry, load_entry
 
 # %% auto #0
 __all__ = ['HELDOUT_SEED', 'RECORD_FORMAT', 'CHOICES', 'RUN_OPTIONS', 'FINETUNE_EXAMPLE', 'train_data', 'run_name', 'run_folder',
-           'run_finished', 'run_finetune', 'check_state', 'record_path', 'save_run_record', 'load_run_record',
-           'option_help', 'cli_parser', 'finetune_command', 'main', 'compare_methods', 'sweep_choice']
+           'run_finished', 'run_finetune', 'training_seconds', 'check_state', 'record_path', 'save_run_record',
+           'load_run_record', 'option_help', 'cli_parser', 'finetune_command', 'main', 'compare_methods',
+           'sweep_choice']
 
 # %% ../nbs/05a_experiments.ipynb #e4960889
 def train_data(dataset: str = 'cifar10', train_fraction: float = 0.1, seed: int = 0, *, img_size: int = 224, crop_pct: float = 0.875):
@@ -96,10 +97,19 @@ def run_finetune(cfg: FinetuneConfig, *,
                        heldout=heldout, quiet=quiet, stop_after=stop_after, num_workers=num_workers)
         if rank_world()[0] == 0 and res['done']:
             save_checkpoint(res['model'], run_dir / 'model.safetensors', _card(res['model'], model, checkpoint, dataset, cfg, train_fraction))
-            atomic_save(dict(config=asdict(cfg), logs=res['logs'], wall_time_s=time.time() - t0),
+            atomic_save(dict(config=asdict(cfg), logs=res['logs'], wall_time_s=training_seconds(res['logs'], time.time() - t0)),
                         run_dir / 'metrics.json', lambda o, p: Path(p).write_text(json.dumps(o, indent=2)))
             (run_dir / 'state.pt').unlink(missing_ok=True)  # finished: the resume state (weights + optimiser) is no longer needed
     return dict(model=res['model'], base=base, run_dir=run_dir, logs=res['logs'], cached=False, done=res['done'])
+
+def training_seconds(logs: dict, last_sitting_s: float = float('nan')) -> float:
+    "A finetuning run's wall time over all its sittings: the logs' `seconds['wall']`, which `finetune` carries across resumes\n"
+    "(up to each interrupted sitting's last checkpoint); for logs written before it kept one, the larger of the last sitting's\n"
+    "wall time and the summed noise, training and held-out seconds (those were always carried across resumes)."
+    sec = (logs or {}).get('seconds', {})
+    if 'wall' in sec: return float(sec['wall'])
+    parts = sum(float(sec.get(k, 0.0)) for k in ('noise', 'train', 'heldout'))
+    return max(parts, last_sitting_s) if last_sitting_s == last_sitting_s else (parts if sec else float('nan'))
 
 def check_state(run_dir: str | Path, cfg: FinetuneConfig) -> None:
     "Before any work: refuse `run_dir/state.pt` saved under another configuration, set an unreadable one aside (`read_state`)."

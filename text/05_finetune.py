@@ -356,6 +356,7 @@ def finetune(model: PixelViT, data, cfg: FinetuneConfig, *,
     dev = model_device(model)
     batches = step_batches(data, cfg.batch_size, cfg.seed, step, end, num_workers, pin_memory=dev.type == 'cuda')
     timing = logs.setdefault('seconds', dict(noise=0.0, train=0.0, heldout=0.0))
+    sitting, wall0 = time.perf_counter(), timing.get('wall', 0.0)  # wall clock over every sitting of a resumed run (to its last checkpoint)
     while step < end:
         if cfg.method in ('ns', 'gaussian') and step % cfg.refresh_every == 0:
             delta = _noise_round(model, data, cfg, step, delta, logs, heldout, num_workers)
@@ -374,7 +375,9 @@ def finetune(model: PixelViT, data, cfg: FinetuneConfig, *,
         if monitor is not None and eval_every and (step % eval_every == 0 or step == cfg.steps) and rank == 0:
             with frozen(ema.module if ema else model) as m: logs['eval'].append(dict(step=step, **monitor(m)))
         if state_path and (step % cfg.refresh_every == 0 or step == end):
+            timing['wall'] = wall0 + time.perf_counter() - sitting
             _save_state(state_path, model, opt, sched, ema, step, delta, logs, cfg)
+    timing['wall'] = wall0 + time.perf_counter() - sitting
     bar.close()
     final = ema.module if ema is not None else model
     return dict(logs=logs, model=final.eval(), done=step >= cfg.steps, step=step)
@@ -460,8 +463,10 @@ full = finetune(_tiny(), toy, FinetuneConfig(method='ns', ema_decay=0.5, **small
 with tempfile.TemporaryDirectory() as d:
     finetune(_tiny(), toy, FinetuneConfig(method='ns', ema_decay=0.5, **small), run_dir=d, stop_after=4)
     test_eq(torch.load(Path(d) / 'state.pt', weights_only=True)['step'], 4)
+    w1 = torch.load(Path(d) / 'state.pt', weights_only=True)['logs']['seconds']['wall']
     resumed = finetune(_tiny(), toy, FinetuneConfig(method='ns', ema_decay=0.5, **small), run_dir=d)
 test_eq(resumed['done'], True)
+assert w1 > 0 and resumed['logs']['seconds']['wall'] > w1  # the wall clock runs on over both sittings
 for k, v in full.state_dict().items(): test_eq(resumed['model'].state_dict()[k], v)# a truncated state is set aside with a warning and the run starts over (to the same weights); another config's state is refused
 with tempfile.TemporaryDirectory() as d:
     cfg_r = FinetuneConfig(method='ns', ema_decay=0.5, **small)

@@ -125,10 +125,19 @@ def run_finetune(cfg: FinetuneConfig, *,
                        heldout=heldout, quiet=quiet, stop_after=stop_after, num_workers=num_workers)
         if rank_world()[0] == 0 and res['done']:
             save_checkpoint(res['model'], run_dir / 'model.safetensors', _card(res['model'], model, checkpoint, dataset, cfg, train_fraction))
-            atomic_save(dict(config=asdict(cfg), logs=res['logs'], wall_time_s=time.time() - t0),
+            atomic_save(dict(config=asdict(cfg), logs=res['logs'], wall_time_s=training_seconds(res['logs'], time.time() - t0)),
                         run_dir / 'metrics.json', lambda o, p: Path(p).write_text(json.dumps(o, indent=2)))
             (run_dir / 'state.pt').unlink(missing_ok=True)  # finished: the resume state (weights + optimiser) is no longer needed
     return dict(model=res['model'], base=base, run_dir=run_dir, logs=res['logs'], cached=False, done=res['done'])
+
+def training_seconds(logs: dict, last_sitting_s: float = float('nan')) -> float:
+    "A finetuning run's wall time over all its sittings: the logs' `seconds['wall']`, which `finetune` carries across resumes\n"
+    "(up to each interrupted sitting's last checkpoint); for logs written before it kept one, the larger of the last sitting's\n"
+    "wall time and the summed noise, training and held-out seconds (those were always carried across resumes)."
+    sec = (logs or {}).get('seconds', {})
+    if 'wall' in sec: return float(sec['wall'])
+    parts = sum(float(sec.get(k, 0.0)) for k in ('noise', 'train', 'heldout'))
+    return max(parts, last_sitting_s) if last_sitting_s == last_sitting_s else (parts if sec else float('nan'))
 
 def check_state(run_dir: str | Path, cfg: FinetuneConfig) -> None:
     "Before any work: refuse `run_dir/state.pt` saved under another configuration, set an unreadable one aside (`read_state`)."
@@ -368,8 +377,13 @@ test_eq((_a['out'], _a['dataset'], _a['train_fraction']), (_kw['out'], _kw['data
 test_fail(lambda: get_model('default', _kw['out']), contains=f'run folder {_tmp / "run"} holds an unfinished run: it has no model.safetensors '
           f'yet (its resume state state.pt is there). Finish it by running the command that started it again, which resumes it: `{_cmd}`')
 assert f'holds an unfinished run' in cli_error(['--checkpoint', _kw['out']])  # as the base of another run, before any work
+_w1 = torch.load(_tmp / 'run' / 'state.pt', weights_only=True)['logs']['seconds']['wall']  # the first sitting's wall clock
 _r = run_finetune(_small, **_kw)  # the same call (or command) finishes it
 test_eq(_r['done'], True)
+_m = json.loads((_tmp / 'run' / 'metrics.json').read_text())  # its training time counts both sittings
+test_eq(_m['wall_time_s'], _m['logs']['seconds']['wall']); assert _m['wall_time_s'] > _w1 > 0
+test_eq(training_seconds(dict(seconds=dict(noise=3.0, train=5.0, heldout=1.0)), 4.0), 9.0)  # logs older than the wall clock: the summed parts
+test_eq(training_seconds(dict(seconds=dict(noise=1.0, train=2.0)), 7.5), 7.5)  # ... or the last sitting when that is larger
 test_eq(weights_digest(get_model('default', _kw['out'])), weights_digest(_r['model']))
 test_eq(load_checkpoint(_tmp / 'run' / 'model.safetensors')[1]['arch_kwargs'], DEFAULT_ARCH_KWARGS)  # the card names the architecture
 

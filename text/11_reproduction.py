@@ -48,7 +48,7 @@ import numpy as np, pandas as pd, torch, matplotlib.pyplot as plt
 from ns_vit.data import load_images, repo_root, image_folder
 from ns_vit.models import get_model, loader_size
 from ns_vit.finetune import FinetuneConfig, noise_variant, rounds_table, heldout_summary, synthesize_round, heldout_influence
-from ns_vit.experiments import run_finetune, train_data, HELDOUT_SEED, run_folder, run_finished, save_run_record, load_run_record
+from ns_vit.experiments import run_finetune, train_data, HELDOUT_SEED, run_folder, run_finished, save_run_record, load_run_record, training_seconds
 from ns_vit.models import weights_digest
 from ns_vit.cache import content_digest
 from ns_vit.evaluate import evaluate_recorded
@@ -144,7 +144,8 @@ def train(cell: str, overrides: dict, arm: str, seed: int) -> dict:
         r['extra'] = dict(wall_time_s=json.loads(metrics_json.read_text()).get('wall_time_s', float('nan')) if metrics_json.exists() else float('nan'))
     r['cfg'] = cfg
     cpu_runs.append(dict(cell=cell, arm=arm, seed=seed, run=r['run_dir'].name, reused=r['cached'],
-                         seconds=0.0 if r['cached'] else time.time() - t, wall_time_s=r['extra'].get('wall_time_s', float('nan'))))
+                         seconds=0.0 if r['cached'] else time.time() - t,
+                         wall_time_s=training_seconds(r['logs'], r['extra'].get('wall_time_s', float('nan')))))  # every sitting of a resumed run
     return r
 
 def record(r: dict) -> None:
