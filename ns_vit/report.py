@@ -206,18 +206,18 @@ _STUDY_THREADS = '$(or $(STUDY_THREADS),2)'
 _TI8 = 'only when data/vit_ti8.safetensors exists (make pretrain-ti8)'
 RUNS: tuple[Run, ...] = (
     # make reports: two workers take the notebooks from one queue in this order, so that neither waits. The longest
-    # first: Table 2 (09), which also trains the models that 05, 07 and 08 reuse; the data sets next; Table 3 (07), which
-    # reuses 09's models and scores, last. Runs and data sets another worker is making are waited for, then reused.
+    # first: Table 2 (09), which also trains the models that 05 and 08 reuse; the data sets next. Runs and data sets another
+    # worker is making are waited for, then reused. Table 3 (07) is not among them: make adv-sweep.
     _reports('09_table2_robustness', 'table2_robustness'), _reports('06d_damagenet', 'damagenet_cifar10'),
     _reports('06b_corruptions', 'corruptions'), _reports('08_table4_eps_ablation', 'table4_eps_ablation'),
     _reports('10b_fingerprint', 'fingerprint'), _reports('04a_fig3_approx_nullspace', 'fig3_approx_nullspace'),
     _reports('06a_attacks', 'attack_budgets'), _reports('05_finetune', 'finetune/ns-eps0.03'),
     _reports('04b_fig5_closure', 'fig5_closure'), _reports('10a_explain', 'fig8_10_saliency'),
     _reports('10_blend', 'fig6_watermark', 'fig7_lookalike'), _reports('03_nullspace', 'table1_nullspace_dims', 'fig2_exact_nullspace'),
-    _reports('07_table3_robustness', 'table3_robustness'),
-    # make adv-sweep, make fingerprint-impostors: the parts of Tables 3 and the fingerprint that do not fit make reports' hour
-    Run('07_table3_robustness', 'adv-sweep', ('table3_robustness/sweep',), {'sweep': 'True', 'threads': '1'},
-        executed='runs/reports/07_table3_robustness_sweep.ipynb'),
+    # make adv-sweep, make fingerprint-impostors: Table 3 (its adversarial-training budget sweep and the table at the chosen
+    # budgets) and the fingerprint's impostors, which do not fit make reports' hour
+    Run('07_table3_robustness', 'adv-sweep', ('table3_robustness', 'table3_robustness/sweep'), {'threads': '1'},
+        executed='reports/notebooks/07_table3_robustness.ipynb'),
     Run('10b_fingerprint', 'fingerprint-impostors', ('fingerprint/impostors',), {'impostors': 'True', 'threads': '2'},
         executed='runs/reports/10b_fingerprint_impostors.ipynb'),
     # make study: the larger model's default cell first, then the default model's study beside it

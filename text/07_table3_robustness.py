@@ -15,23 +15,24 @@
 #
 # **Each method at its own budget.** Adversarial finetuning at the other methods' shared budget (`FinetuneConfig`: ε = 8/255, 400 steps at lr 1e-4
 # from a non-robust model) collapses: it loses about 30 clean points. A practitioner would first pick the budget. With
-# `sweep=True` (`-p sweep true`) the notebook finetunes the base model with Madry and with TRADES at every training ε in
+# `sweep=True` (the default) the notebook finetunes the base model with Madry and with TRADES at every training ε in
 # `sweep_adv_eps` and every length in `sweep_steps`, draws each run's training curve (clean and FGSM accuracy on held-out
 # test images every `sweep_eval_every` steps), and **chooses, per method, the setting with the highest PGD-8/255
 # accuracy on `sweep_select_n` selection images among the settings whose clean accuracy on those images stays within
 # `max_clean_drop` of the base model's**; the table's Madry and TRADES rows are then those runs. If no setting qualifies,
 # the notebook says so and keeps the smallest clean loss. The selection images are a seeded sample of the CIFAR-10 test
 # set (the suite has no separate validation split), so the choice has seen test images; the table's own images are a
-# different sample for the attacks but overlap for clean accuracy. Without the sweep (`make reports`) the adversarial
+# different sample for the attacks but overlap for clean accuracy. With `-p sweep False` the adversarial
 # rows use **the budgets the committed sweep chose** (`reports/table3_robustness/sweep/sweep.csv`, read by `sweep_choice`; their
 # run folders are reused), or, with `budgets='config'` or before any sweep was committed, `FinetuneConfig`'s budget
 # (8/255, 400 steps: the collapse) plus `adv_overrides`. The sentence "Training budgets" under the table says which.
-# The sweep trains 2 × |ε| × |lengths| models and has a target of its own, `make adv-sweep`, which writes the sweep, its
-# curves and the table at the chosen budgets into `reports/table3_robustness/sweep/`; the next `make reports` (or its run
-# of this notebook) then puts the chosen budgets into Table 3 itself, reusing the chosen runs. At the defaults (ε 2, 4 and
+# The sweep trains 2 × |ε| × |lengths| models, so Table 3 has a target of its own, `make adv-sweep`, outside `make reports`
+# (whose hour a fresh clone's adversarial runs would overrun: one 1,600-step TRADES run takes about half an hour of a
+# core): it writes Table 3 at the chosen budgets into `reports/table3_robustness/` and the sweep (its table, curves and
+# choice, with a meta.json) into `reports/table3_robustness/sweep/`, reusing every finished run folder. At the defaults (ε 2, 4 and
 # 8/255 × 400 and 1,600 steps) that is 6,000 PGD-5 steps per method; measured here on one loaded core, a Madry step costs
 # 4.5× and a TRADES step 6.0× a plain step (2.50, 3.36 and 0.56 s per 128 images), so about 0.9 and 1.2 s on an idle
-# core and about 3.5 CPU-hours in all; the 8/255 × 400-step runs are `FinetuneConfig`'s budget, the one `make reports` trains while no sweep is committed, and are reused.
+# core and about 3.5 CPU-hours in all; the 8/255 × 400-step runs are `FinetuneConfig`'s budget.
 # (Table 2, notebook 09, no longer carries these two rows: at the shared budget they were the collapse above, and they
 # cost half of its CPU time.)
 #
@@ -68,7 +69,7 @@ methods: list = ['ns', 'madry', 'trades']  # Table 3's rows next to the base mod
 metrics: list = ['clean', 'fgsm', 'pgd', 'damagenet', 'cifar10_c']  # Table 3's columns (suite metrics of ns_vit.evaluate)
 overrides: dict = {}  # FinetuneConfig fields changed for every run, e.g. {"steps": 800}; {} → the defaults (runs shared with 05, 08, 09)
 adv_overrides: dict = {}  # FinetuneConfig fields for madry and trades only when sweep is off, e.g. {"adv_eps": 0.0157, "steps": 1600}
-sweep: bool = False  # run the adversarial-training budget sweep and use its choice for the madry and trades rows
+sweep: bool = True  # run the adversarial-training budget sweep and use its choice for the madry and trades rows (False: see budgets)
 budgets: str = 'sweep'  # without the sweep: 'sweep' means the committed sweep's choice (reports/table3_robustness/sweep/sweep.csv) when there is one; 'config': FinetuneConfig's budget + adv_overrides
 sweep_adv_eps: list = [0.0078, 0.0157, 0.0314]  # training ε of the sweep (2/255, 4/255, 8/255)
 sweep_steps: list = [400, 1600]  # training lengths (optimiser steps) of the sweep
@@ -83,14 +84,14 @@ seed: int = 0  # seed of everything random
 device: str = 'cpu'  # 'cpu', 'cuda', ...
 threads: int = 2  # CPU threads for torch
 smoke: bool = False  # tiny run for tests (written under runs/smoke/)
-report: str = ''  # folder under reports/ for this run; '' → table3_robustness, or table3_robustness/sweep with sweep True. A named folder is written whatever the parameters (unnamed, a non-default run goes to runs/reports/<artifact>-<digest>)
+report: str = ''  # folder under reports/ for this run; '' → table3_robustness (the sweep into its sweep/ subfolder). A named folder is written whatever the parameters (unnamed, a non-default run goes to runs/reports/<artifact>-<digest>)
 commit_report: bool = False  # write into the committed reports/ folder even when the parameters differ from its meta.json (make reports and make study do)
 
 
 # %%
 #| notest
 smoke = smoke or in_test()
-artifact = 'table3_robustness/sweep' if sweep else 'table3_robustness'  # the sweep's own folder: Table 3 itself has one writer, make reports
+artifact = 'table3_robustness'  # Table 3; the sweep, when it runs, into its sweep/ subfolder (one writer: make adv-sweep)
 methods, metrics, overrides, adv_overrides = param(methods), param(metrics), param(overrides), param(adv_overrides)
 sweep_adv_eps, sweep_steps = param(sweep_adv_eps), param(sweep_steps)
 if 'ns' not in methods or not {'madry', 'trades'} & set(methods):
@@ -160,8 +161,9 @@ if sweep:
         ax.axhline(100 * base_sel['clean'], color='k', lw=0.8); ax.axhline(100 * (base_sel['clean'] - max_clean_drop), color='k', ls=':', lw=0.8)
         ax.set(title=f'{m}: training curves (base clean: solid; −{100 * max_clean_drop:.0f} points: dotted)', xlabel='step', ylabel='accuracy (%)')
         ax.legend(fontsize=6)
-    fig.tight_layout(); save_figure(fig, rep, 'sweep_curves'); plt.close(fig)
-    save_table(sweep_df.drop(columns='run_dir'), rep, 'sweep')
+    srep = rep / 'sweep'; srep.mkdir(parents=True, exist_ok=True)  # the sweep's own folder beside Table 3's files
+    fig.tight_layout(); save_figure(fig, srep, 'sweep_curves'); plt.close(fig)
+    save_table(sweep_df.drop(columns='run_dir'), srep, 'sweep')
     choice = ' '.join(f"{m}: ε {r.adv_eps * 255:.0f}/255, {r.steps} steps, clean {100 * r.clean:.1f}% (base {100 * base_sel['clean']:.1f}%), "
                       f"PGD-8/255 {100 * r.pgd:.1f}% (base {100 * base_sel['pgd']:.1f}%)" + ('' if r.qualifies else
                       f' — no setting kept clean accuracy within {100 * max_clean_drop:.0f} points; this is the smallest loss')
@@ -252,6 +254,8 @@ save_table(tradeoff, rep, 'tradeoff'); save_table(shown, rep, 'paired_tests'); s
 atomic_save(conclusion + '\n', rep / 'conclusion.md', lambda o, q: Path(q).write_text(o))
 write_meta(rep, params, t0, device, runs={k: r['run_dir'] for k, r in runs.items()}, conclusion=conclusion,
            chosen_budgets={k: dict(adv_eps=c.adv_eps, steps=c.steps) for k, c in configs.items() if k in adv_methods});
+if sweep: write_meta(srep, params, t0, device, runs={f'{m} eps {e:.4f} steps {L}': r for (m, e, L), r in zip(grid, sweep_df.run_dir)},
+                     choice=choice);
 
 # %%
 #| notest
@@ -264,4 +268,4 @@ assert set(table.model) == {'base', 'ns', *adv_methods} and 'none' not in set(ta
 both = pd.concat([vs, gains], ignore_index=True)
 assert (((both.ci_low > 0) | (both.ci_high < 0)) == (both.p_value < 0.05)).all()  # no interval contradicts its p-value
 assert (both.ci_high > both.ci_low)[both.metric != 'cifar10_c'].all()  # 0/1 metrics: never zero width
-if sweep: assert len(sweep_df) == len(grid) and sweep_df.chosen.sum() == len(adv_methods) and (rep / 'sweep_curves.png').exists()
+if sweep: assert len(sweep_df) == len(grid) and sweep_df.chosen.sum() == len(adv_methods) and (srep / 'sweep_curves.png').exists() and (srep / 'meta.json').exists()
