@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 from .data import repo_root
-from .training import atomic_save
+from .training import atomic_save, path_under
 
 # %% auto #0
 __all__ = ['PARAMS_NOT_RESULTS', 'RUNS', 'OTHER_FILES', 'PAPER_ARTIFACTS', 'README_MUST', 'HEADLINE', 'METRIC_NAMES',
@@ -97,11 +97,7 @@ def _is_path(v) -> bool:
     "A path object, or a string that is an absolute (or `~`) path."
     return isinstance(v, os.PathLike) or (isinstance(v, str) and '\n' not in v and (os.path.isabs(v) or v.startswith('~')))
 
-def _under(p: Path, root: Path) -> str | None:
-    "`p` relative to `root` as a posix string, trying the paths as written and as resolved (symlinks); None if outside."
-    for a, b in ((Path(os.path.abspath(p)), Path(os.path.abspath(root))), (p.resolve(), root.resolve())):
-        if a.is_relative_to(b): return a.relative_to(b).as_posix()
-    return None
+_under = path_under  # one test of "inside this folder" for reports and for messages (ns_vit.training.path_under)
 
 def relative_paths(
     obj,  # a parameter value: nested dicts, lists and tuples of anything JSON can hold, paths included

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 # %% auto #0
 __all__ = ['LOCK_TIMEOUT_S', 'atomic_save', 'clean_tmp', 'cosine_lr', 'seed_of', 'rank_world', 'claim_run_dir', 'lock_holder',
-           'shown_path', 'file_lock', 'run_lock', 'save_state', 'read_state', 'step_indices', 'StepBatchSampler',
-           'step_batches', 'gather']
+           'path_under', 'shown_path', 'file_lock', 'run_lock', 'save_state', 'read_state', 'step_indices',
+           'StepBatchSampler', 'step_batches', 'gather']
 
 # %% ../nbs/01b_training.ipynb #019abdfb
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]  # tags temp files with their writer's host
@@ -114,11 +114,16 @@ def lock_holder(path: str | Path) -> str:
     except (OSError, IndexError): stopped = False
     return f'pid {pid}' + (f' (stopped, e.g. by Ctrl-Z: resume it with `kill -CONT {pid}`, or end it)' if stopped else '')
 
+def path_under(p: str | Path, root: str | Path) -> str | None:
+    "`p` relative to `root` as a posix string, trying the paths as written and as resolved (symlinks); None if outside."
+    p, root = Path(p), Path(root)
+    for a, b in ((Path(os.path.abspath(p)), Path(os.path.abspath(root))), (p.resolve(), root.resolve())):
+        if a.is_relative_to(b): return a.relative_to(b).as_posix()
+    return None
+
 def shown_path(p: str | Path) -> str:
     "`p` for a message that may land in an executed notebook: relative to the working folder when inside it, else as given."
-    p = Path(p)
-    try: return Path(os.path.abspath(p)).relative_to(Path.cwd()).as_posix()
-    except ValueError: return str(p)
+    return path_under(p, Path.cwd()) or str(p)
 
 @contextmanager
 def file_lock(folder: str | Path, name: str = '.lock', *,
