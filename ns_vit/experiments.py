@@ -22,10 +22,10 @@ from .cache import save_entry, load_entry
 
 
 # %% auto #0
-__all__ = ['HELDOUT_SEED', 'RECORD_FORMAT', 'CHOICES', 'RUN_OPTIONS', 'FINETUNE_EXAMPLE', 'train_data', 'run_name', 'run_folder',
-           'run_finished', 'run_finetune', 'training_seconds', 'check_state', 'record_path', 'save_run_record',
-           'load_run_record', 'option_help', 'cli_parser', 'finetune_command', 'main', 'compare_methods',
-           'sweep_choice']
+__all__ = ['HELDOUT_SEED', 'RECORD_FORMAT', 'CHOICES', 'RUN_OPTIONS', 'FINETUNE_EXAMPLE', 'SWEEP_FORMAT', 'train_data',
+           'run_name', 'run_folder', 'run_finished', 'run_finetune', 'training_seconds', 'check_state', 'record_path',
+           'save_run_record', 'load_run_record', 'option_help', 'cli_parser', 'finetune_command', 'main',
+           'compare_methods', 'sweep_choice', 'sweep_skip', 'save_sweep_record', 'load_sweep_record']
 
 # %% ../nbs/05a_experiments.ipynb #e4960889
 def train_data(dataset: str = 'cifar10', train_fraction: float = 0.1, seed: int = 0, *, img_size: int = 224, crop_pct: float = 0.875):
@@ -261,6 +261,43 @@ def sweep_choice(path: str | Path,  # a sweep table written by notebook 07 (`swe
     rows = df[df.chosen.astype(str).str.lower().eq('true') & df.method.isin(methods)]
     if rows.method.duplicated().any(): raise ValueError(f'{path} marks several chosen budgets for {sorted(set(rows.method[rows.method.duplicated()]))}')
     return {r.method: dict(adv_eps=float(r.adv_eps), steps=int(r.steps)) for r in rows.itertuples()}
+
+
+# %% ../nbs/05a_experiments.ipynb #82d47fad
+SWEEP_FORMAT = 1  # bump when a sweep record's content changes: records of another format are never served
+
+def sweep_skip(method: str,  # the setting's method ('madry' or 'trades')
+               adv_eps: float,  # its training ε
+               steps: int,  # its length
+               scored: list[dict],  # the settings already decided: dicts with method, adv_eps, steps, clean_drop (nan: not trained)
+               max_clean_drop: float,  # a setting qualifies when its clean accuracy is within this of the base model's
+               ) -> str:
+    "'' when the sweep trains this setting; else why not: at the next shorter length the same method and ε lost more than\n"
+    "`max_clean_drop` clean accuracy, or was not trained either (successive halving over lengths)."
+    shorter = [r for r in scored if r['method'] == method and math.isclose(r['adv_eps'], adv_eps) and r['steps'] < steps]
+    if not shorter: return ''
+    prev = max(shorter, key=lambda r: r['steps'])
+    if not prev['clean_drop'] == prev['clean_drop']: return f"not trained: {prev['steps']} steps at this ε was not trained either"
+    if prev['clean_drop'] > max_clean_drop:
+        return (f"not trained: at {prev['steps']} steps it already lost {100 * prev['clean_drop']:.1f} clean points "
+                f"(more than {100 * max_clean_drop:g})")
+    return ''
+
+def _sweep_meta(run: str, select: dict) -> dict: return dict(format=SWEEP_FORMAT, run=run, select=select)
+
+def save_sweep_record(ledger: str | Path,  # folder of run records, e.g. reports/ledger (sweep records go to its sweep/ folder)
+                      run: str,  # the run folder's name (`run_name`)
+                      select: dict,  # how the selection was scored (images, seed, attack): a record scored otherwise is stale
+                      scores: dict,  # the selection scores, e.g. dict(clean=0.71, pgd=0.30)
+                      curve: list,  # the run's training curve (metrics.json's logs['eval'])
+                      ) -> Path:
+    "Write the record of one scored sweep setting atomically (one file, with its sha256)."
+    return save_entry(dict(run=run, scores={k: float(v) for k, v in scores.items()}, curve=list(curve)),
+                      Path(ledger) / 'sweep' / f'{run}.pt', meta=_sweep_meta(run, select))
+
+def load_sweep_record(ledger: str | Path, run: str, select: dict, quiet: bool = False) -> dict | None:
+    "The record of sweep setting `run` scored as `select`; None if there is none, or if it is damaged, stale or of another format."
+    return load_entry(Path(ledger) / 'sweep' / f'{run}.pt', meta=_sweep_meta(run, select), quiet=quiet)
 
 
 # %% ../nbs/05a_experiments.ipynb #3c8c62dd

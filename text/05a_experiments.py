@@ -447,6 +447,78 @@ with tempfile.TemporaryDirectory() as d:
     test_fail(lambda: sweep_choice(f), contains='make adv-sweep')
 
 
+# %% [markdown]
+# The sweep is expensive (one 1,600-step PGD-5 run takes about half an hour of a core), so it does two things to cost
+# less and to lose nothing. **It prunes by length** (successive halving): the lengths run shortest first, and a method at a
+# training ε is trained for the next length only if it kept clean accuracy within `max_clean_drop` of the base at the
+# shorter one. Adversarial finetuning for longer at the same ε and peak rate moves further from the base model, so a setting
+# that already lost too much is not expected to come back; the settings that run at both lengths show whether that holds
+# (`sweep_skip` says why a setting was not trained). **It records every scored setting** in the ledger
+# (`reports/ledger/sweep/`, `save_sweep_record`): its selection scores and training curve, keyed by the run folder's name and
+# by how the selection was scored, so a machine whose run folders are gone rebuilds the sweep from the records and trains
+# again only the chosen settings, which Table 3 scores.
+
+# %%
+#| export
+SWEEP_FORMAT = 1  # bump when a sweep record's content changes: records of another format are never served
+
+def sweep_skip(method: str,  # the setting's method ('madry' or 'trades')
+               adv_eps: float,  # its training ε
+               steps: int,  # its length
+               scored: list[dict],  # the settings already decided: dicts with method, adv_eps, steps, clean_drop (nan: not trained)
+               max_clean_drop: float,  # a setting qualifies when its clean accuracy is within this of the base model's
+               ) -> str:
+    "'' when the sweep trains this setting; else why not: at the next shorter length the same method and ε lost more than\n"
+    "`max_clean_drop` clean accuracy, or was not trained either (successive halving over lengths)."
+    shorter = [r for r in scored if r['method'] == method and math.isclose(r['adv_eps'], adv_eps) and r['steps'] < steps]
+    if not shorter: return ''
+    prev = max(shorter, key=lambda r: r['steps'])
+    if not prev['clean_drop'] == prev['clean_drop']: return f"not trained: {prev['steps']} steps at this ε was not trained either"
+    if prev['clean_drop'] > max_clean_drop:
+        return (f"not trained: at {prev['steps']} steps it already lost {100 * prev['clean_drop']:.1f} clean points "
+                f"(more than {100 * max_clean_drop:g})")
+    return ''
+
+def _sweep_meta(run: str, select: dict) -> dict: return dict(format=SWEEP_FORMAT, run=run, select=select)
+
+def save_sweep_record(ledger: str | Path,  # folder of run records, e.g. reports/ledger (sweep records go to its sweep/ folder)
+                      run: str,  # the run folder's name (`run_name`)
+                      select: dict,  # how the selection was scored (images, seed, attack): a record scored otherwise is stale
+                      scores: dict,  # the selection scores, e.g. dict(clean=0.71, pgd=0.30)
+                      curve: list,  # the run's training curve (metrics.json's logs['eval'])
+                      ) -> Path:
+    "Write the record of one scored sweep setting atomically (one file, with its sha256)."
+    return save_entry(dict(run=run, scores={k: float(v) for k, v in scores.items()}, curve=list(curve)),
+                      Path(ledger) / 'sweep' / f'{run}.pt', meta=_sweep_meta(run, select))
+
+def load_sweep_record(ledger: str | Path, run: str, select: dict, quiet: bool = False) -> dict | None:
+    "The record of sweep setting `run` scored as `select`; None if there is none, or if it is damaged, stale or of another format."
+    return load_entry(Path(ledger) / 'sweep' / f'{run}.pt', meta=_sweep_meta(run, select), quiet=quiet)
+
+
+
+# %%
+import math
+rows = [dict(method='madry', adv_eps=2 / 255, steps=400, clean_drop=0.02), dict(method='madry', adv_eps=8 / 255, steps=400, clean_drop=0.32)]
+test_eq(sweep_skip('madry', 2 / 255, 400, [], 0.1), '')  # the shortest length always trains
+test_eq(sweep_skip('madry', 2 / 255, 1600, rows, 0.1), '')  # qualified at 400 steps: trained at 1,600
+assert 'lost 32.0 clean points' in sweep_skip('madry', 8 / 255, 1600, rows, 0.1)  # lost too much at 400: pruned
+test_eq(sweep_skip('trades', 8 / 255, 1600, rows, 0.1), '')  # another method's result decides nothing
+rows.append(dict(method='madry', adv_eps=8 / 255, steps=1600, clean_drop=float('nan')))
+assert 'not trained either' in sweep_skip('madry', 8 / 255, 3200, rows, 0.1)  # pruned once, pruned for every longer length
+assert sweep_skip('madry', 2 / 255, 1600, rows, 0.5) == '' and sweep_skip('madry', 8 / 255, 1600, rows, 0.5) == ''  # the threshold decides
+with tempfile.TemporaryDirectory() as d:
+    sel = dict(n=1000, seed=7, attack='pgd', eps=8 / 255, steps=10)
+    test_eq(load_sweep_record(d, 'madry-x', sel), None)  # no record: train
+    p = save_sweep_record(d, 'madry-x', sel, dict(clean=0.7, pgd=0.3), [dict(step=100, val_clean=0.72, val_fgsm=0.4)])
+    rec = load_sweep_record(d, 'madry-x', sel)
+    test_eq(rec['scores'], dict(clean=0.7, pgd=0.3)); test_eq(rec['curve'][0]['val_fgsm'], 0.4)
+    test_eq(load_sweep_record(d, 'madry-x', sel | dict(steps=20), quiet=True), None)  # scored otherwise: stale, never served
+    test_eq(load_sweep_record(d, 'madry-y', sel, quiet=True), None)  # another run's name
+    p.write_bytes(p.read_bytes()[:-5])
+    test_eq(load_sweep_record(d, 'madry-x', sel, quiet=True), None)  # damaged: regenerated, never served
+
+
 # %%
 #| export
 #| notest

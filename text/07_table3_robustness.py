@@ -30,9 +30,18 @@
 # (whose hour a fresh clone's adversarial runs would overrun: one 1,600-step TRADES run takes about half an hour of a
 # core): it writes Table 3 at the chosen budgets into `reports/table3_robustness/` and the sweep (its table, curves and
 # choice, with a meta.json) into `reports/table3_robustness/sweep/`, reusing every finished run folder. At the defaults (ε 2, 4 and
-# 8/255 × 400 and 1,600 steps) that is 6,000 PGD-5 steps per method; measured here on one loaded core, a Madry step costs
-# 4.5× and a TRADES step 6.0× a plain step (2.50, 3.36 and 0.56 s per 128 images), so about 0.9 and 1.2 s on an idle
-# core and about 3.5 CPU-hours in all; the 8/255 × 400-step runs are `FinetuneConfig`'s budget.
+# 8/255 × 400 and 1,600 steps) the full grid is 6,000 PGD-5 steps per method; measured here on one loaded core, a Madry step
+# costs 4.5× and a TRADES step 6.0× a plain step (2.50, 3.36 and 0.56 s per 128 images), so about 0.9 and 1.2 s on an idle
+# core and about 3.5 CPU-hours for the full grid; the 8/255 × 400-step runs are `FinetuneConfig`'s budget. Two things make
+# the sweep cheaper and kill-safe (notebook 05a: `sweep_skip`, `save_sweep_record`). **Successive halving over lengths**
+# (`sweep_prune`, on by default): the lengths run shortest first, and a method at a training ε is trained for the longer
+# length only if it kept clean accuracy within `max_clean_drop` at the shorter one; adversarial finetuning for longer at the
+# same ε and peak rate moves further from the base model, so a setting that already lost too much is not expected to come
+# back (an assumption: the settings that run at both lengths show whether clean accuracy fell or rose with length). The
+# sweep table lists the settings it did not train, with the reason. **Records**: every scored setting (its selection
+# scores and training curve) is recorded in `reports/ledger/sweep/`, keyed by its run folder's name and by how the
+# selection was scored; commit the ledger after each sitting, and a machine whose run folders are gone rebuilds the sweep
+# from the records and retrains only the two chosen settings, which the table scores.
 # (Table 2, notebook 09, no longer carries these two rows: at the shared budget they were the collapse above, and they
 # cost half of its CPU time.)
 #
@@ -51,7 +60,8 @@ from dataclasses import asdict
 from pathlib import Path
 import torch, numpy as np, pandas as pd, matplotlib.pyplot as plt
 from ns_vit.finetune import FinetuneConfig
-from ns_vit.experiments import compare_methods, run_finetune
+from ns_vit.experiments import compare_methods, run_finetune, run_folder, sweep_skip, save_sweep_record, load_sweep_record
+from ns_vit.models import weights_digest
 from ns_vit.data import load_images
 from ns_vit.models import accuracy, get_model, loader_size
 from ns_vit.attacks import adversarial_accuracy
@@ -73,6 +83,7 @@ sweep: bool = True  # run the adversarial-training budget sweep and use its choi
 budgets: str = 'sweep'  # without the sweep: 'sweep' means the committed sweep's choice (reports/table3_robustness/sweep/sweep.csv) when there is one; 'config': FinetuneConfig's budget + adv_overrides
 sweep_adv_eps: list = [0.00784313725490196, 0.01568627450980392, 0.03137254901960784]  # training ε of the sweep: 2/255, 4/255, 8/255 exactly (8/255 is FinetuneConfig's adv_eps, so those runs are shared)
 sweep_steps: list = [400, 1600]  # training lengths (optimiser steps) of the sweep
+sweep_prune: bool = True  # successive halving: a method at a training ε runs the next length only if it qualified at the shorter one
 sweep_eval_every: int = 100  # steps between the training curve's checks
 sweep_select_n: int = 1000  # test images the choice is made on (clean and PGD 8/255)
 max_clean_drop: float = 0.10  # a setting qualifies when its clean accuracy is within this of the base model's
@@ -86,6 +97,7 @@ threads: int = 2  # CPU threads for torch
 smoke: bool = False  # tiny run for tests (written under runs/smoke/)
 report: str = ''  # folder under reports/ for this run; '' → table3_robustness (the sweep into its sweep/ subfolder). A named folder is written whatever the parameters (unnamed, a non-default run goes to runs/reports/<artifact>-<digest>)
 commit_report: bool = False  # write into the committed reports/ folder even when the parameters differ from its meta.json (make reports and make study do)
+ledger: str = 'reports/ledger'  # folder of run records (committed): the sweep records each scored setting under its sweep/ folder and reuses the records
 
 
 # %%
@@ -105,6 +117,9 @@ if smoke:
     sweep_adv_eps, sweep_steps, sweep_eval_every, sweep_select_n = sweep_adv_eps[:2], [2, 3], 1, 24
     metrics, n = ['clean', 'fgsm', 'pgd_small'], dict(clean=64, fgsm=24, pgd_small=24)
 torch.set_num_threads(threads)
+from ns_vit.data import repo_root
+ledger_dir = repo_root() / ('runs/smoke/ledger-table3' if smoke else ledger)  # the sweep's records: <ledger>/sweep/
+if smoke: shutil.rmtree(ledger_dir, ignore_errors=True)
 common = dict(eps=eps, seed=seed) | overrides
 adv_methods = [m for m in methods if m in ('madry', 'trades')]
 if budgets not in ('sweep', 'config'): raise ValueError(f"budgets must be 'sweep' or 'config', got {budgets!r}")
@@ -117,7 +132,7 @@ grid = {(m, e, L): FinetuneConfig(method=m, **(common | dict(adv_eps=e, steps=L)
         for m in adv_methods for e in sweep_adv_eps for L in sweep_steps} if sweep else {}  # checked before any training
 params = dict(asdict(configs['ns']), overrides=overrides, adv_overrides=adv_overrides, methods=methods, model=model, checkpoint=checkpoint,
               dataset=dataset, train_fraction=train_fraction, metrics=metrics, n=n, device=device, smoke=smoke, sweep=sweep,
-              sweep_adv_eps=sweep_adv_eps, sweep_steps=sweep_steps, sweep_select_n=sweep_select_n, max_clean_drop=max_clean_drop,
+              sweep_adv_eps=sweep_adv_eps, sweep_steps=sweep_steps, sweep_prune=sweep_prune, sweep_select_n=sweep_select_n, max_clean_drop=max_clean_drop,
               budgets=budgets, prior_budgets=prior)
 rep = report_dir(report or artifact, smoke, params=params, commit=commit_report or bool(report))
 t0 = time.time()
@@ -125,9 +140,10 @@ t0 = time.time()
 
 # %% [markdown]
 # ## The adversarial-training budget sweep
-# Runs only with `sweep=True` (and at smoke size in the tests). Each setting is finetuned once (run folders are reused),
-# scored on the selection images, and drawn as a training curve; the chosen settings replace the adversarial rows'
-# configurations.
+# Runs only with `sweep=True` (and at smoke size in the tests). Each setting is finetuned once (run folders and ledger
+# records are reused), scored on the selection images, recorded, and drawn as a training curve; a setting that lost too
+# much clean accuracy at the shorter length is not trained at the longer one (its row says so); the chosen settings
+# replace the adversarial rows' configurations.
 
 # %%
 #| notest
@@ -137,17 +153,33 @@ def score_selection(m, x, y) -> dict:
 
 sweep_rows, curves = [], {}
 if sweep:
-    xs, ys = load_images(dataset, 'test', sweep_select_n, seed + 7, **loader_size(get_model(model, checkpoint)))  # the selection images (seed differs from the table's samples)
-    for (m, e, L), c in grid.items():
-        r = run_finetune(c, model=model, checkpoint=checkpoint, dataset=dataset, train_fraction=train_fraction, eval_size=sweep_select_n,
-                         eval_every=sweep_eval_every, device=device, quiet=smoke, runs_root=runs_root)
-        curves[m, e, L] = pd.DataFrame(r['logs'].get('eval', []))
-        sweep_rows.append(dict(method=m, adv_eps=e, steps=L, run_dir=str(r['run_dir']), **score_selection(r['model'], xs, ys)))
-    base_sel = score_selection(r['base'], xs, ys)
-    sweep_df = pd.DataFrame(sweep_rows).assign(clean_drop=lambda d: base_sel['clean'] - d.clean, pgd_gain=lambda d: d.pgd - base_sel['pgd'])
-    sweep_df['qualifies'] = sweep_df.clean_drop <= max_clean_drop
+    base0 = get_model(model, checkpoint, device); base_id = weights_digest(base0)
+    xs, ys = load_images(dataset, 'test', sweep_select_n, seed + 7, **loader_size(base0))  # the selection images (seed differs from the table's samples)
+    base_sel = score_selection(base0, xs, ys)
+    select = dict(dataset=dataset, n=sweep_select_n, seed=seed + 7, attack='pgd', eps=8 / 255, steps=10 if not smoke else 2)  # a record scored otherwise is stale
+    nan = float('nan')
+    for m, e, L in sorted(grid, key=lambda k: (k[2], adv_methods.index(k[0]), k[1])):  # shortest length first: successive halving
+        c, why = grid[m, e, L], sweep_skip(m, e, L, sweep_rows, max_clean_drop) if sweep_prune else ''
+        rd = run_folder(c, base_id, dataset, runs_root)
+        if why:
+            sweep_rows.append(dict(method=m, adv_eps=e, steps=L, run_dir=str(rd), clean=nan, pgd=nan, clean_drop=nan, pgd_gain=nan, trained=False, note=why))
+            continue
+        rec = load_sweep_record(ledger_dir, rd.name, select)
+        if rec is None:  # train (or reuse the finished run folder), score on the selection images, record
+            r = run_finetune(c, model=model, checkpoint=checkpoint, dataset=dataset, train_fraction=train_fraction, eval_size=sweep_select_n,
+                             eval_every=sweep_eval_every, device=device, quiet=smoke, runs_root=runs_root)
+            scores, curve = score_selection(r['model'], xs, ys), r['logs'].get('eval', [])
+            try: save_sweep_record(ledger_dir, rd.name, select, scores, curve)
+            except OSError as err: print(f'the sweep record of {rd.name} was not written ({err}); the run folder still holds the run')
+        else: scores, curve = rec['scores'], rec['curve']
+        curves[m, e, L] = pd.DataFrame(curve)
+        sweep_rows.append(dict(method=m, adv_eps=e, steps=L, run_dir=str(rd), **scores, clean_drop=base_sel['clean'] - scores['clean'],
+                               pgd_gain=scores['pgd'] - base_sel['pgd'], trained=True, note='from its ledger record' if rec else ''))
+    sweep_df = pd.DataFrame(sweep_rows).sort_values(['method', 'adv_eps', 'steps'], key=lambda s: s.map(adv_methods.index) if s.name == 'method' else s,
+                                                    ignore_index=True)
+    sweep_df['qualifies'] = sweep_df.trained & (sweep_df.clean_drop <= max_clean_drop)
     chosen = {}
-    for m, g in sweep_df.groupby('method', sort=False):  # highest PGD accuracy among the qualifying settings, else the smallest clean loss
+    for m, g in sweep_df[sweep_df.trained].groupby('method', sort=False):  # highest PGD accuracy among the qualifying settings, else the smallest clean loss
         pick = g[g.qualifies].sort_values(['pgd', 'clean'], ascending=False) if g.qualifies.any() else g.sort_values('clean_drop')
         chosen[m] = pick.iloc[0]
         configs[m] = grid[m, chosen[m].adv_eps, chosen[m].steps]
@@ -254,8 +286,8 @@ save_table(tradeoff, rep, 'tradeoff'); save_table(shown, rep, 'paired_tests'); s
 atomic_save(conclusion + '\n', rep / 'conclusion.md', lambda o, q: Path(q).write_text(o))
 write_meta(rep, params, t0, device, runs={k: r['run_dir'] for k, r in runs.items()}, conclusion=conclusion,
            chosen_budgets={k: dict(adv_eps=c.adv_eps, steps=c.steps) for k, c in configs.items() if k in adv_methods});
-if sweep: write_meta(srep, params, t0, device, runs={f'{m} eps {e:.4f} steps {L}': r for (m, e, L), r in zip(grid, sweep_df.run_dir)},
-                     choice=choice);
+if sweep: write_meta(srep, params, t0, device, runs={f'{r.method} eps {r.adv_eps:.4f} steps {r.steps}': r.run_dir for r in sweep_df[sweep_df.trained].itertuples()},
+                     pruned={f'{r.method} eps {r.adv_eps:.4f} steps {r.steps}': r.note for r in sweep_df[~sweep_df.trained].itertuples()}, choice=choice);
 
 # %%
 #| notest
@@ -268,4 +300,10 @@ assert set(table.model) == {'base', 'ns', *adv_methods} and 'none' not in set(ta
 both = pd.concat([vs, gains], ignore_index=True)
 assert (((both.ci_low > 0) | (both.ci_high < 0)) == (both.p_value < 0.05)).all()  # no interval contradicts its p-value
 assert (both.ci_high > both.ci_low)[both.metric != 'cifar10_c'].all()  # 0/1 metrics: never zero width
+if sweep:  # every pruned setting failed (or was itself pruned) at the next shorter length; the shortest length always trains
+    for r in sweep_df[~sweep_df.trained].itertuples():
+        prev = sweep_df[(sweep_df.method == r.method) & np.isclose(sweep_df.adv_eps, r.adv_eps) & (sweep_df.steps < r.steps)].iloc[-1]
+        assert sweep_prune and not prev.qualifies and r.note.startswith('not trained') and r.note.strip()
+    assert sweep_df[sweep_df.steps == min(sweep_steps)].trained.all() and not sweep_df[sweep_df.chosen].trained.eq(False).any()
+    assert all((ledger_dir / 'sweep' / f'{Path(d).name}.pt').exists() for d in sweep_df[sweep_df.trained].run_dir)  # every scored setting recorded
 if sweep: assert len(sweep_df) == len(grid) and sweep_df.chosen.sum() == len(adv_methods) and (srep / 'sweep_curves.png').exists() and (srep / 'meta.json').exists()
