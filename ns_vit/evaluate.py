@@ -252,21 +252,27 @@ class _Scores:
 def evaluate_recorded(entries: dict,  # {metric: (meta, result)} as in `evaluate(...).attrs['entries']`, e.g. from a run record
                       suite: str | list[str] = 'cifar10', n: int | dict | None = None, data: dict | None = None, seed: int = 0,
                       crop_pct: float = 0.875,  # the model's crop (`loader_size(model)['crop_pct']`)
-                      quiet: bool = True) -> pd.DataFrame | None:
+                      quiet: bool = True,
+                      regenerated: tuple = (),  # metrics whose images this machine generates (e.g. 'damagenet'): a record whose key differs
+                      # from today's only in those images' digest is served, and flagged in `attrs['regenerated']`
+                      ) -> pd.DataFrame | None:
     "`evaluate`'s table rebuilt from recorded results without the model, or None when any metric's key differs from today's (stale)."
     metrics, data = _planned(suite, n, data)
     digests = {meta.get('model') for meta, _ in entries.values()}
     if len(digests) != 1: return None
-    digest, out = digests.pop(), _Scores()
+    digest, out, flagged = digests.pop(), _Scores(), {}
     for name, m in metrics.items():
         k = _size(n, name, m)
         if m.needs and m.needs not in data: out.missing(name, m); continue
         if name not in entries: return None
         meta, r = entries[name]
-        if jsonable(meta) != jsonable(metric_meta(digest, name, m, k, _inputs(name, m, k, data, seed, quiet, crop_pct)[0], seed)):
-            return None
+        then, now = jsonable(meta), jsonable(metric_meta(digest, name, m, k, _inputs(name, m, k, data, seed, quiet, crop_pct)[0], seed))
+        if then != now:
+            if name not in regenerated or {**then, 'data': None} != {**now, 'data': None}: return None
+            flagged[name] = dict(recorded=then.get('data'), today=now.get('data'))  # the same generation, other images
         out.add(name, m, meta, r, True, 0.0)
-    return out.table()
+    table = out.table(); table.attrs['regenerated'] = flagged
+    return table
 
 # %% ../nbs/06_evaluate.ipynb #31128555
 def paired_tests(results: dict[str, pd.DataFrame], reference: str) -> pd.DataFrame:

@@ -215,6 +215,14 @@ with tempfile.TemporaryDirectory() as d:
     assert torch.equal(again.attrs['correct']['clean'], _s.attrs['correct']['clean'])
     test_eq(evaluate_recorded(rec['entries'], ['clean'], n=10), None)  # other images: stale, never served
     test_eq(evaluate_recorded(rec['entries'], ['clean', 'fgsm_small'], n=20), None)  # a metric it lacks
+    test_eq(again.attrs['regenerated'], {})  # scored on today's images: nothing flagged
+    (meta, res), = rec['entries'].values()
+    moved = {'clean': ({**meta, 'data': 'another-digest'}, res)}  # the same key but the images' digest (a set generated elsewhere)
+    test_eq(evaluate_recorded(moved, ['clean'], n=20), None)  # strict by default: stale
+    served = evaluate_recorded(moved, ['clean'], n=20, regenerated=('clean',))  # allowed for this metric: served, and flagged
+    test_eq(served.value.tolist(), _s.value.tolist()); test_eq(served.attrs['regenerated']['clean']['recorded'], 'another-digest')
+    test_eq(served.attrs['regenerated']['clean']['today'], meta['data'])
+    test_eq(evaluate_recorded({'clean': ({**meta, 'data': 'x', 'seed': 7}, res)}, ['clean'], n=20, regenerated=('clean',)), None)  # anything else differs: stale
     test_eq(load_run_record(d, 'other-run'), None)  # no record
     p.write_bytes(p.read_bytes()[:-10])  # truncated: reported, not served
     with warnings.catch_warnings(record=True) as w:

@@ -118,6 +118,12 @@ ledger_dir = repo_root() / ('runs/smoke/ledger' if smoke else ledger)
 if smoke: shutil.rmtree(ledger_dir, ignore_errors=True)
 base0 = get_model(model, checkpoint, device); base_id, crop = weights_digest(base0), loader_size(base0)['crop_pct']
 NOISE_KEYS = {k for k in asdict(FinetuneConfig()) if k.startswith('noise_')} | {'eps', 'refresh_every', 'lim', 'loss'}
+# The DamageNet-style transfer set is generated on each machine from the committed surrogate, the same test images and the
+# same attack; floating-point differences between CPUs change a few of its 10,000 images, so its digest differs from machine
+# to machine. A record scored on another machine's set is served (it cannot be rescored: a record holds no weights), and
+# listed: `regenerated_sets` in meta.json and `regenerated_sets.md` name every such run with both digests.
+REGENERATED = ('damagenet',)
+regenerated_sets = {}  # run → {metric: {recorded, today}}
 
 def arm_cfg(overrides: dict, arm: str, seed: int) -> FinetuneConfig:
     "The config of one (cell, arm, seed); noise settings do not touch `none`, so its runs are shared between cells."
@@ -134,8 +140,9 @@ def train(cell: str, overrides: dict, arm: str, seed: int) -> dict:
     t, cfg = time.time(), arm_cfg(overrides, arm, seed)
     rd = run_folder(cfg, base_id, dataset, runs_root)
     rec = None if run_finished(rd) else load_run_record(ledger_dir, rd.name)
-    res = evaluate_recorded(rec['entries'], metrics, n, data, seed=0, crop_pct=crop) if rec else None
+    res = evaluate_recorded(rec['entries'], metrics, n, data, seed=0, crop_pct=crop, regenerated=REGENERATED) if rec else None
     if rec and res is None: print(f'{rd.name}: its record was scored under other settings or code (stale): retraining', flush=True)
+    if res is not None and res.attrs['regenerated']: regenerated_sets[rd.name] = res.attrs['regenerated']
     if res is not None:
         r = dict(model=None, base=base0, run_dir=rd, logs=rec['logs'], cached='record', scores=res, extra=dict(rec['extra']))
     else:
@@ -579,8 +586,14 @@ save_table(cost, rep, 'compute')
                                f"{cost.seconds.sum() / 60:.1f} min of training in this call, "
                                f"{uniq.wall_time_s.sum() / 60:.1f} min of training in the {len(uniq)} distinct runs used; "
                                f"whole notebook {(time.time() - t0) / 60:.1f} min.\n")
+regen = pd.DataFrame([dict(run=k, metric=mm, recorded=d['recorded'], today=d['today']) for k, v in regenerated_sets.items() for mm, d in v.items()],
+                     columns=['run', 'metric', 'recorded', 'today'])
+save_table(regen, rep, 'regenerated_sets')
+if len(regen): print(f"{regen.run.nunique()} of {len(uniq)} runs come from records scored on a {', '.join(sorted(set(regen.metric)))} set generated on "
+                     f"another machine (digests {', '.join(sorted(set(regen.recorded)))}; this machine's: {', '.join(sorted(set(regen.today)))}): "
+                     "the same surrogate, images and attack, a few images changed by floating-point differences")
 write_meta(rep, params, t0, device, seeds={k: c['seeds'] for k, c in cells.items()}, training_minutes_all_runs=float(uniq.wall_time_s.sum() / 60),
-           cells_in_tables=sorted(set(arms_df.cell)))
+           cells_in_tables=sorted(set(arms_df.cell)), regenerated_sets=regenerated_sets)
 assert arms_df.value.between(0, 1).all() and len(arms_df) == sum(len(c['arms']) for c in cells.values()) * len(metrics)
 assert set(arms_df.cell) == set(cells)  # every cell the parameters name is in the tables
 
