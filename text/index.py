@@ -179,7 +179,7 @@ Markdown(api_table({
 # make reports                                            # every figure and table at default parameters (not Table 3 or the study)
 # make adv-sweep                                          # Table 3: Madry and TRADES at a swept budget beside NS (hours on 1 core)
 # make study                                              # the reproduction study, 5 seeds per arm (hours on 2 CPU cores) -> reports/reproduction
-# git add reports/ledger                                  # the study's run records: a new machine rebuilds the study from them
+# git add reports/ledger                                  # run records of the study and of Table 3's sweep: a new machine rebuilds both from them
 # make docs                                               # the site in _site/, from the executed notebooks in reports/notebooks/
 # make bench                                              # timings into reports/benchmarks/
 # ```
