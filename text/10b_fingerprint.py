@@ -1100,7 +1100,12 @@ if impostors:
 per_kind = pd.concat([fpr_by_kind(p, thr, positives=pos).assign(frame=f) for f, (p, pos) in frames.items()], ignore_index=True)
 per_kind = per_kind[['frame'] + [c for c in per_kind.columns if c != 'frame']]
 verdict = certifies(per_kind[per_kind.frame == list(frames)[-1]], SIB, [SHORT, NEAR])
-if not impostors: verdict['sentence'] += (' The impostor run measures it: -p impostors True (make fingerprint-impostors), '
+imp_cert = root / 'reports/fingerprint/impostors/certifies.csv'  # the committed impostor run's verdict, quoted by the default run
+if not impostors and imp_cert.exists() and not smoke:
+    measured = pd.read_csv(imp_cert).iloc[0]
+    verdict['sentence'] += (f" The impostor run (make fingerprint-impostors, reports/fingerprint/impostors/; owner: {measured.owner}) measured "
+                            f"it: {measured.certifies}. {measured.sentence}")
+elif not impostors: verdict['sentence'] += (' The impostor run measures it: -p impostors True (make fingerprint-impostors), '
                                            'into reports/fingerprint/impostors/.')
 verdict_table = pd.DataFrame([dict(owner=list(frames)[-1], certifies=verdict['certifies'], sentence=verdict['sentence'])])
 
@@ -1156,7 +1161,8 @@ write_meta(rep, params, t0, device, threshold=thr, fraction_of_chance=frac, chan
 # fingerprint but leaves a much worse model is not a cheap evasion. Cheap evasions are the rows where the fingerprint
 # no longer matches and the test accuracy stays inside the owner's interval. Every number below is generated from
 # the tables of this run, and so is the sentence on what a match certifies (`certifies`: with `impostors` off it
-# says that ownership or ancestry was not measured).
+# says that this run did not measure ownership or ancestry, and quotes the verdict of the committed impostor run,
+# `reports/fingerprint/impostors/certifies.csv`, when there is one).
 
 # %%
 d = table.set_index('model')
