@@ -1214,6 +1214,8 @@ assert (table[table.category == 'negative (calibration)'].relative >= frac).all(
 kinds = per_kind.set_index(['frame', 'kind'])
 assert kinds.loc[(FRAME_A, SHORT), 'n'] == n_negatives - n_calibration and kinds.n.min() >= 1
 assert len(evasions) == 2 + impostors and verdict['certifies'] in ('neither', 'ancestry', 'ownership', 'not measured')
+if not impostors and imp_cert.exists() and not smoke:  # the default run quotes the committed impostor run's verdict word for word
+    assert verdict_table.sentence.item().endswith(f'{measured.certifies}. {measured.sentence}')
 if impostors:
     assert kinds.loc[(FRAME_B, SIB), 'n'] == kinds.loc[(FRAME_A, DERIV), 'n'] == len(siblings) and kinds.loc[(FRAME_B, NEAR), 'n'] == n_near
     assert verdict['certifies'] != 'not measured' and len(imp_table) == 2 + len(siblings) + n_near
