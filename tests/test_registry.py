@@ -86,7 +86,8 @@ def test_reports_readme_is_generated_from_the_registry():
     for f in FOLDERS:  # each section names the folder's notebook and target, and the commit of its own meta.json
         commit = json.loads((REPORTS / f / 'meta.json').read_text())['git_commit']
         assert f'written by `nbs/{writer(f).notebook}.ipynb`, run {writer(f).how}\n- made ' in render_index()
-        assert f'at commit `{commit}` (its meta.json)' in render_index().split(f'\n## {f}')[1].split('\n## ')[0]
+        section = re.split(rf'\n## {re.escape(f)}(?: — [^\n]*)?\n', render_index())[1].split('\n## ')[0]  # its own heading, not a subfolder's
+        assert f'at commit `{commit}` (its meta.json)' in section
 
 
 def test_readme_lists_the_artifacts_with_their_notebook_and_target():
