@@ -277,7 +277,7 @@ def sweep_skip(method: str,  # the setting's method ('madry' or 'trades')
     shorter = [r for r in scored if r['method'] == method and math.isclose(r['adv_eps'], adv_eps) and r['steps'] < steps]
     if not shorter: return ''
     prev = max(shorter, key=lambda r: r['steps'])
-    if not prev['clean_drop'] == prev['clean_drop']: return f"not trained: {prev['steps']} steps at this ε was not trained either"
+    if math.isnan(prev['clean_drop']): return f"not trained: {prev['steps']} steps at this ε was not trained either"
     if prev['clean_drop'] > max_clean_drop:
         return (f"not trained: at {prev['steps']} steps it already lost {100 * prev['clean_drop']:.1f} clean points "
                 f"(more than {100 * max_clean_drop:g})")
