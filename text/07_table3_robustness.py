@@ -67,7 +67,7 @@ from ns_vit.models import accuracy, get_model, loader_size
 from ns_vit.attacks import adversarial_accuracy
 from ns_vit.evaluate import values_table, paired_tests, ROBUSTNESS
 from ns_vit.stats import paired_table, significance_sentence, with_holm, with_averages
-from ns_vit.report import report_dir, write_meta, save_table, save_figure, in_test, param
+from ns_vit.report import report_dir, write_meta, save_table, save_figure, in_test, param, relative_paths
 from ns_vit.training import atomic_save
 
 # %% [markdown]
@@ -160,9 +160,9 @@ if sweep:
     nan = float('nan')
     for m, e, L in sorted(grid, key=lambda k: (k[2], adv_methods.index(k[0]), k[1])):  # shortest length first: successive halving
         c, why = grid[m, e, L], sweep_skip(m, e, L, sweep_rows, max_clean_drop) if sweep_prune else ''
-        rd = run_folder(c, base_id, dataset, runs_root)
+        rd = run_folder(c, base_id, dataset, runs_root); rdn = relative_paths(rd)[0]  # shown relative to the repository (no machine path)
         if why:
-            sweep_rows.append(dict(method=m, adv_eps=e, steps=L, run_dir=str(rd), clean=nan, pgd=nan, clean_drop=nan, pgd_gain=nan, trained=False, note=why))
+            sweep_rows.append(dict(method=m, adv_eps=e, steps=L, run_dir=rdn, clean=nan, pgd=nan, clean_drop=nan, pgd_gain=nan, trained=False, note=why))
             continue
         rec = load_sweep_record(ledger_dir, rd.name, select)
         if rec is None:  # train (or reuse the finished run folder), score on the selection images, record
@@ -173,7 +173,7 @@ if sweep:
             except OSError as err: print(f'the sweep record of {rd.name} was not written ({err}); the run folder still holds the run')
         else: scores, curve = rec['scores'], rec['curve']
         curves[m, e, L] = pd.DataFrame(curve)
-        sweep_rows.append(dict(method=m, adv_eps=e, steps=L, run_dir=str(rd), **scores, clean_drop=base_sel['clean'] - scores['clean'],
+        sweep_rows.append(dict(method=m, adv_eps=e, steps=L, run_dir=rdn, **scores, clean_drop=base_sel['clean'] - scores['clean'],
                                pgd_gain=scores['pgd'] - base_sel['pgd'], trained=True, note='from its ledger record' if rec else ''))
     sweep_df = pd.DataFrame(sweep_rows).sort_values(['method', 'adv_eps', 'steps'], key=lambda s: s.map(adv_methods.index) if s.name == 'method' else s,
                                                     ignore_index=True)
@@ -306,4 +306,5 @@ if sweep:  # every pruned setting failed (or was itself pruned) at the next shor
         assert sweep_prune and not prev.qualifies and r.note.startswith('not trained') and r.note.strip()
     assert sweep_df[sweep_df.steps == min(sweep_steps)].trained.all() and not sweep_df[sweep_df.chosen].trained.eq(False).any()
     assert all((ledger_dir / 'sweep' / f'{Path(d).name}.pt').exists() for d in sweep_df[sweep_df.trained].run_dir)  # every scored setting recorded
+    assert not any(Path(d).is_absolute() for d in sweep_df.run_dir)  # the shown table holds no machine path
 if sweep: assert len(sweep_df) == len(grid) and sweep_df.chosen.sum() == len(adv_methods) and (srep / 'sweep_curves.png').exists() and (srep / 'meta.json').exists()
