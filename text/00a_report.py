@@ -333,7 +333,7 @@ RUNS: tuple[Run, ...] = (
     _reports('10_blend', 'fig6_watermark', 'fig7_lookalike'), _reports('03_nullspace', 'table1_nullspace_dims', 'fig2_exact_nullspace'),
     # make adv-sweep, make fingerprint-impostors: Table 3 (its adversarial-training budget sweep and the table at the chosen
     # budgets) and the fingerprint's impostors, which do not fit make reports' hour
-    Run('07_table3_robustness', 'adv-sweep', ('table3_robustness', 'table3_robustness/sweep'), {'threads': '1'},
+    Run('07_table3_robustness', 'adv-sweep', ('table3_robustness', 'table3_robustness/sweep'), {'threads': '2'},
         executed='reports/notebooks/07_table3_robustness.ipynb'),
     Run('10b_fingerprint', 'fingerprint-impostors', ('fingerprint/impostors',), {'impostors': 'True', 'threads': '2'},
         executed='runs/reports/10b_fingerprint_impostors.ipynb'),

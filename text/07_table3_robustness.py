@@ -41,7 +41,8 @@
 # sweep table lists the settings it did not train, with the reason. **Records**: every scored setting (its selection
 # scores and training curve) is recorded in `reports/ledger/sweep/`, keyed by its run folder's name and by how the
 # selection was scored; commit the ledger after each sitting, and a machine whose run folders are gone rebuilds the sweep
-# from the records and retrains only the two chosen settings, which the table scores.
+# from the records and retrains only the two chosen settings, which the table scores. `make adv-sweep` runs it as one job on
+# 2 threads; what the committed sweep cost is its `wall_time_s` in `reports/table3_robustness/meta.json`.
 # (Table 2, notebook 09, no longer carries these two rows: at the shared budget they were the collapse above, and they
 # cost half of its CPU time.)
 #

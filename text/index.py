@@ -177,7 +177,7 @@ Markdown(api_table({
 # ns-vit-evaluate --suite quick --out runs/eval/base      # score the default model (clean, FGSM, PGD at 1/255)
 # ns-vit-evaluate --checkpoint runs/finetune/<run>/model.safetensors --suite cifar10 --out runs/eval/ns
 # make reports                                            # every figure and table at default parameters (not Table 3 or the study)
-# make adv-sweep                                          # Table 3: Madry and TRADES at a swept budget beside NS (hours on 1 core)
+# make adv-sweep                                          # Table 3: Madry and TRADES at a swept budget beside NS (under an hour on 2 cores)
 # make study                                              # the reproduction study, 5 seeds per arm (hours on 2 CPU cores) -> reports/reproduction
 # git add reports/ledger                                  # run records of the study and of Table 3's sweep: a new machine rebuilds both from them
 # make docs                                               # the site in _site/, from the executed notebooks in reports/notebooks/
