@@ -122,8 +122,13 @@ def path_under(p: str | Path, root: str | Path) -> str | None:
     return None
 
 def shown_path(p: str | Path) -> str:
-    "`p` for a message that may land in an executed notebook: relative to the working folder when inside it, else as given."
-    return path_under(p, Path.cwd()) or str(p)
+    "`p` for a message that may land in an executed notebook: relative to the working folder when inside it, else under `$NS_VIT_CACHE` or `~` named so, else as given."
+    rel = path_under(p, Path.cwd())
+    if rel is not None: return rel
+    for name, root in (('$NS_VIT_CACHE', os.environ.get('NS_VIT_CACHE')), ('~', Path.home())):  # a cache outside the repo (make reports' workers share it)
+        rel = path_under(p, Path(root).expanduser()) if root else None
+        if rel is not None: return name if rel == '.' else f'{name}/{rel}'
+    return str(p)
 
 @contextmanager
 def file_lock(folder: str | Path, name: str = '.lock', *,

@@ -202,8 +202,13 @@ def path_under(p: str | Path, root: str | Path) -> str | None:
     return None
 
 def shown_path(p: str | Path) -> str:
-    "`p` for a message that may land in an executed notebook: relative to the working folder when inside it, else as given."
-    return path_under(p, Path.cwd()) or str(p)
+    "`p` for a message that may land in an executed notebook: relative to the working folder when inside it, else under `$NS_VIT_CACHE` or `~` named so, else as given."
+    rel = path_under(p, Path.cwd())
+    if rel is not None: return rel
+    for name, root in (('$NS_VIT_CACHE', os.environ.get('NS_VIT_CACHE')), ('~', Path.home())):  # a cache outside the repo (make reports' workers share it)
+        rel = path_under(p, Path(root).expanduser()) if root else None
+        if rel is not None: return name if rel == '.' else f'{name}/{rel}'
+    return str(p)
 
 @contextmanager
 def file_lock(folder: str | Path, name: str = '.lock', *,
@@ -284,6 +289,19 @@ with tempfile.TemporaryDirectory(dir='.') as d:
         assert err.getvalue().startswith(f'waiting for {rel}: {rel}/.lock is locked by pid {holder.pid}'), err.getvalue()
         assert str(Path.cwd()) not in err.getvalue(), err.getvalue()
     finally: holder.kill(); holder.wait()
+# a cache outside the working folder ($NS_VIT_CACHE: make reports' two workers share it, and the second waits for the
+# first's CIFAR-10 archive) is named by its variable, and a path under the home folder by ~, not by the machine's path
+saved = os.environ.get('NS_VIT_CACHE')
+with tempfile.TemporaryDirectory() as d:
+    os.environ['NS_VIT_CACHE'] = d
+    try:
+        test_eq(shown_path(Path(d) / 'x' / '.lock'), '$NS_VIT_CACHE/x/.lock'); test_eq(shown_path(d), '$NS_VIT_CACHE')
+    finally:
+        if saved is None: os.environ.pop('NS_VIT_CACHE')
+        else: os.environ['NS_VIT_CACHE'] = saved
+probe = Path.home() / 'ns_vit_probe' / '.lock'
+test_eq(shown_path(probe), path_under(probe, Path.cwd()) or '~/ns_vit_probe/.lock')
+test_eq(shown_path('/nowhere/x/.lock'), '/nowhere/x/.lock')  # elsewhere: as given
 
 
 # %% [markdown]
