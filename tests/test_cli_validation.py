@@ -63,7 +63,7 @@ def _hand_accuracy(model, split='test'):
     xs, ys = [], []
     for c, name in enumerate(CIFAR10_CLASSES):
         for f in sorted((Path(os.environ['NS_VIT_DATA']) / 'cifar10' / split / name).glob('*.png')):
-            xs.append(torch.from_numpy(np.asarray(Image.open(f).convert('RGB'))).permute(2, 0, 1).float() / 255); ys.append(c)
+            xs.append(torch.from_numpy(np.array(Image.open(f).convert('RGB'))).permute(2, 0, 1).float() / 255); ys.append(c)
     with torch.no_grad(): return (model(torch.stack(xs)).argmax(1) == torch.tensor(ys)).float().mean().item()
 
 
